@@ -1,0 +1,144 @@
+"""Instruction records: loading and checking them, tokenizing them with label masks, padding batches, length-grouped batches."""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora_core.prompts import DEFAULT_TEMPLATE, format_prompt
+from qlora_core.util import QLoRAError
+
+IGNORE_INDEX = -100
+DEFAULT_TRAIN = Path(__file__).parent / "default_data" / "train.jsonl"
+DEFAULT_EVAL = Path(__file__).parent / "default_data" / "eval.jsonl"
+
+
+@dataclass
+class DataConfig:
+    """How records become training examples. Defaults are those of the seed (qlora.py)."""
+
+    template: str = DEFAULT_TEMPLATE
+    max_source_len: int = 1024
+    """Tokens kept of BOS + prompt (qlora.py's source_max_len)."""
+    max_target_len: int = 256
+    """Tokens kept of output + EOS (qlora.py's target_max_len)."""
+    group_by_length: bool = True
+    """Batch examples of similar length together, as the seed's Trainer did."""
+    seed: int = 42
+
+
+def _parse(path: Path) -> list:
+    """Read a JSON list, or JSON Lines when the first non-blank character is not "["."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QLoRAError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QLoRAError(f"{path}: cannot read the file: {e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise QLoRAError(f"{path}: not valid JSON: {e}") from None
+    items = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise QLoRAError(f"{path}: line {number}: not valid JSON: {e}") from None
+    return items
+
+
+def load_records(path: str | Path, require_output: bool = True) -> list[dict]:
+    """Load and check `{"id", "instruction", "output"}` records from a JSON list or a JSON Lines file.
+
+    Every record must be an object with a string "instruction", and a string "output" when
+    `require_output` (test sets may lack it). The "id" may be a string or an integer, and is returned
+    as a string; a record without one gets its index (counted from 0) as its id. Ids must be unique.
+    Other fields are kept. Errors name the file, the record index (from 0, blank lines not counted) and the field.
+    """
+    path = Path(path)
+    items = _parse(path)
+    if not isinstance(items, list):
+        raise QLoRAError(f"{path}: expected a list of records, got a JSON {type(items).__name__}")
+    if not items:
+        raise QLoRAError(f"{path}: no records")
+    records, seen = [], {}
+    for i, item in enumerate(items):
+        where = f"{path}: record {i}"
+        if not isinstance(item, dict):
+            raise QLoRAError(f"{where}: expected an object, got {type(item).__name__}")
+        fields = ["instruction", "output"] if require_output or "output" in item else ["instruction"]
+        for field in fields:
+            if field not in item:
+                raise QLoRAError(f'{where}: field "{field}" is missing')
+            if not isinstance(item[field], str):
+                raise QLoRAError(f'{where}: field "{field}" must be a string, got {type(item[field]).__name__}')
+        rid = item.get("id", str(i))
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise QLoRAError(f'{where}: field "id" must be a string or an integer, got {type(rid).__name__}')
+        rid = str(rid)
+        if rid in seen:
+            raise QLoRAError(f'{where}: field "id" is {rid!r}, the same as record {seen[rid]}')
+        seen[rid] = i
+        records.append({**item, "id": rid})
+    return records
+
+
+def encode_example(tok, record: dict, template: str, max_source_len: int, max_target_len: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one record, as qlora.py builds them.
+
+    The source is BOS + the prompt, cut to its first `max_source_len` tokens; the target is the output
+    + EOS, cut to its first `max_target_len` tokens (so a cut target has no EOS, as in qlora.py).
+    Labels are IGNORE_INDEX on the source, so the loss only counts the target.
+    """
+    source = ([tok.bos_id] + tok.encode(format_prompt(record["instruction"], template)))[:max_source_len]
+    target = (tok.encode(record["output"]) + [tok.eos_id])[:max_target_len]
+    return source + target, [IGNORE_INDEX] * len(source) + target
+
+
+def tokenize_records(tok, records: list[dict], cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
+    """`encode_example` over every record, with the config's template and lengths."""
+    return [encode_example(tok, r, cfg.template, cfg.max_source_len, cfg.max_target_len) for r in records]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad (input_ids, labels) pairs into one batch.
+
+    input_ids are padded with `pad_id` and labels with IGNORE_INDEX; attention_mask is 1 on tokens, 0 on padding.
+    """
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def length_grouped_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """The batches of one epoch, as lists of example indices; every index appears once, the last batch may be short.
+
+    The order is a random permutation from `torch.manual_seed(seed + epoch)` (as DistributedSampler
+    seeds it). Without grouping it is cut into batches as it is. With grouping it follows HF's
+    LengthGroupedSampler: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
+    batches (at least 1), sort each megabatch by length, longest first, and cut it into batches.
+    The megabatch order is kept, and the first batch of the megabatch holding the longest example
+    trades places with the first batch of all, so an out-of-memory error shows at the first step
+    (HF swaps the single longest example; swapping its whole batch keeps batches of similar length).
+    """
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length or not order:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    mega = max(min(len(lengths) // (4 * batch_size), 50), 1) * batch_size
+    megabatches = [sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
+    batches = [[m[i : i + batch_size] for i in range(0, len(m), batch_size)] for m in megabatches]
+    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
+    batches[0][0], batches[longest][0] = batches[longest][0], batches[0][0]
+    return [batch for mb in batches for batch in mb]

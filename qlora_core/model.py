@@ -1,0 +1,225 @@
+"""A LLaMA-family decoder (Llama-2, Llama-3, TinyLlama, Mistral-style grouped-query attention).
+
+Module and parameter names follow transformers' `LlamaForCausalLM`, so a Hugging Face state dict loads
+key for key and LoRA adapters get peft's key names. Attention goes through
+`scaled_dot_product_attention`; decoding uses a preallocated KV cache written at tensor positions, so one
+decode step has a fixed shape that a CUDA graph can capture.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with linear or llama3 scaling applied."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    if kind != "default":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+    return inv_freq
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shape [batch, seq, head_dim], computed in float32 as transformers does."""
+    freqs = position_ids[..., None].float() * inv_freq.float()
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_dim] in the rotate-half layout of Hugging Face checkpoints."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [batch, kv_heads, max_len, head_dim], written in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        if self.n_kv != self.n_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder stack without the output head: token ids to final hidden states."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+        x = self.embed_tokens(input_ids)
+        mask = None
+        cache = self.layers[0].self_attn.kv_cache
+        if cache is not None and input_pos is None:
+            raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
+        if input_pos is not None or attention_mask is not None:
+            pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)
+            kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
+            mask = attention_bias_mask(pos, kv_len, attention_mask)
+        if position_ids is None:
+            position_ids = default_position_ids(input_ids, attention_mask, input_pos)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        return self.norm(x)
+
+
+def default_position_ids(input_ids, attention_mask, input_pos):
+    """Positions count real tokens only, so a left-padded row gets the positions it has alone."""
+    b, t = input_ids.shape
+    if input_pos is None:
+        input_pos = torch.arange(t, device=input_ids.device)
+    if attention_mask is None:
+        return input_pos[None].expand(b, -1)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos]
+
+
+def attention_bias_mask(input_pos, kv_len, attention_mask):
+    """Boolean mask (True = attend) of queries at cache slots input_pos [q] over kv_len key slots.
+
+    attention_mask [batch, kv_len], if given, marks the real tokens; the result is then
+    [batch, 1, q, kv_len], else [q, kv_len]. A query always sees its own slot, so padded queries get
+    finite (unused) outputs instead of NaN.
+    """
+    keys = torch.arange(kv_len, device=input_pos.device)
+    mask = keys <= input_pos[:, None]
+    if attention_mask is None:
+        return mask
+    mask = (mask & attention_mask.bool()[:, None, :]) | (keys == input_pos[:, None])
+    return mask[:, None]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+        """Logits [batch, seq, vocab].
+
+        attention_mask: [batch, seq] with 1 on real tokens (or [batch, cache_len] when decoding with a cache).
+        input_pos: [seq] cache slots that these tokens fill; only with a cache from `setup_cache`.
+        """
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, input_pos))
+
+    def setup_cache(self, batch: int, max_len: int):
+        """Give every attention layer a preallocated KV cache of max_len slots."""
+        p = self.lm_head.weight
+        for layer in self.model.layers:
+            a = layer.self_attn
+            layer.self_attn.kv_cache = KVCache(batch, a.n_kv, max_len, a.head_dim, p.dtype, p.device)
+
+    def clear_cache(self):
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None):
+        """Random weights as transformers initialises them (for tests and benchmarks at real shapes)."""
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)) and m.weight.dtype.is_floating_point:
+                    m.weight.normal_(0.0, std, generator=generator)
+                    if getattr(m, "bias", None) is not None:
+                        m.bias.zero_()
+                elif isinstance(m, RMSNorm):
+                    m.weight.fill_(1.0)

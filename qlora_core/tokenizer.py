@@ -1,0 +1,106 @@
+"""Tokenizers for LLaMA-family checkpoints, behind one small interface.
+
+Both backends offer `encode(text) -> list[int]` (no BOS or EOS added), `decode(ids) -> str` (BOS, EOS, pad and the
+library's own special tokens skipped), and the attributes `bos_id`, `eos_id`, `pad_id` and `vocab_size`. `pad_id` is
+None when the tokenizer has no pad token; callers then pad with `eos_id`, or 0 when that is None too.
+"""
+import json
+from pathlib import Path
+
+import sentencepiece
+import tokenizers
+
+from qlora_core.util import QLoRAError
+
+# Llama-2 repositories ship both files; their SentencePiece model is the reference, so it comes first.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece `tokenizer.model` (Llama-2, Taiwan-LLaMA).
+
+    `encode` is SentencePiece's own, dummy prefix included, so it gives the ids of the legacy Llama tokenizer.
+    Special-token strings in the text, such as "</s>", are encoded as plain text.
+    """
+
+    def __init__(self, path: Path):
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.vocab_size = self.sp.get_piece_size()
+        own = [i if i >= 0 else None for i in (self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id())]
+        self.bos_id, self.eos_id, self.pad_id = _special_ids(path.parent, self._piece_id, own)
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self.sp.decode([i for i in ids if i not in special])
+
+
+class JsonTokenizer:
+    """A `tokenizers` `tokenizer.json` (byte-level BPE: Llama-3, SmolLM).
+
+    Added special tokens written in the text, such as "<|eot_id|>", encode to their ids, as in transformers.
+    """
+
+    def __init__(self, path: Path):
+        self.tok = tokenizers.Tokenizer.from_file(str(path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id, self.eos_id, self.pad_id = _special_ids(path.parent, self.tok.token_to_id, [None, None, None])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        special = {self.bos_id, self.eos_id, self.pad_id}
+        return self.tok.decode([i for i in ids if i not in special], skip_special_tokens=True)
+
+
+def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | JsonTokenizer:
+    """Load the tokenizer in a checkpoint directory, or from a `.model` or `.json` file."""
+    path = Path(path)
+    wanted = " or ".join(TOKENIZER_FILES)
+    if path.is_dir():
+        found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+        if not found:
+            raise QLoRAError(f"no tokenizer in {path}: looked for {wanted}")
+        path = found[0]
+    elif not path.is_file():
+        raise QLoRAError(f"tokenizer path {path} does not exist: expected a directory with {wanted}, or such a file")
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(path)
+    if path.suffix == ".json":
+        return JsonTokenizer(path)
+    raise QLoRAError(f"tokenizer file {path} is neither a SentencePiece .model nor a tokenizers .json")
+
+
+def _special_ids(directory: Path, token_to_id, own: list[int | None]) -> list[int | None]:
+    """The [bos, eos, pad] ids: the token names in tokenizer_config.json (or special_tokens_map.json) first,
+    then config.json's ids, then the tokenizer's `own` ids."""
+    names = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
+    config = _read_json(directory / "config.json")
+    ids = []
+    for kind, fallback in zip(("bos", "eos", "pad"), own):
+        token = names.get(f"{kind}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        token_id = token_to_id(token) if isinstance(token, str) else None
+        if token_id is None:
+            token_id = config.get(f"{kind}_token_id")
+        if isinstance(token_id, list):  # config.json may list several eos ids (Llama-3.1); keep the first
+            token_id = token_id[0] if token_id else None
+        ids.append(fallback if token_id is None else token_id)
+    return ids
+
+
+def _read_json(path: Path) -> dict:
+    """The object in a JSON file, or {} when the file is absent."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise QLoRAError(f"{path} is not valid JSON: {e}") from e

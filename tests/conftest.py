@@ -1,0 +1,51 @@
+"""Shared fixtures: small random-weight checkpoints written by transformers, the reference implementation."""
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def need_shared(relpath: str) -> Path:
+    """A path under ../shared, or skip the test with the reason when a clone has no ../shared."""
+    path = SHARED / relpath
+    if not path.exists():
+        pytest.skip(f"{path} is absent: this test reads the project's shared data beside the repository")
+    return path
+
+
+def tiny_config(**overrides):
+    """A transformers LlamaConfig small enough for CPU tests."""
+    from transformers import LlamaConfig
+    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1,
+              eos_token_id=2, pad_token_id=0)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def write_checkpoint(path: Path, max_shard_size=None, safe_serialization=True, **overrides):
+    """Save a random-weight transformers LlamaForCausalLM to path; returns the float32 model in eval mode."""
+    from transformers import LlamaForCausalLM
+    model = LlamaForCausalLM(tiny_config(**overrides)).float().eval()
+    with torch.no_grad():  # transformers' init gives tiny logits; wider weights make differences visible
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.1)
+            else:
+                p.uniform_(0.5, 1.5)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    if safe_serialization:
+        model.save_pretrained(path, **kwargs)
+    else:
+        model.config.save_pretrained(path)
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+    return model
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """The default tiny checkpoint: (directory, transformers model)."""
+    path = tmp_path / "tiny"
+    return path, write_checkpoint(path)

@@ -1,0 +1,86 @@
+"""Our LlamaForCausalLM against transformers' on checkpoints that transformers writes."""
+import pytest
+import torch
+
+from conftest import write_checkpoint
+from qlora_core import load_model
+
+CASES = {
+    "multi-head untied": {},
+    "grouped-query tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "rope theta 5e5": dict(rope_theta=500000.0),
+    "linear rope scaling": dict(rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama3 rope scaling": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    "attention bias, head_dim 8": dict(attention_bias=True, head_dim=8),
+}
+
+
+def max_diff(ours, ref_model, ids, **kwargs):
+    with torch.no_grad():
+        return (ours(ids, **kwargs) - ref_model(ids, **kwargs).logits).abs().max().item()
+
+
+@pytest.mark.parametrize("overrides", CASES.values(), ids=CASES.keys())
+def test_logits_match_transformers(tmp_path, overrides):
+    ref = write_checkpoint(tmp_path, **overrides)
+    ours = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    ids = torch.randint(0, 128, (3, 37))
+    assert max_diff(ours, ref, ids) <= 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["sharded safetensors", "pytorch_model.bin"])
+def test_checkpoint_formats(tmp_path, fmt):
+    if fmt == "sharded safetensors":
+        ref = write_checkpoint(tmp_path, max_shard_size="50KB", num_key_value_heads=2)
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        ref = write_checkpoint(tmp_path, safe_serialization=False)
+    ours = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    assert max_diff(ours, ref, torch.randint(0, 128, (2, 20))) <= 1e-4
+
+
+def test_left_padded_batch_equals_rows_alone(tmp_path):
+    ref = write_checkpoint(tmp_path, num_key_value_heads=2)
+    ours = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    lengths = [5, 17, 11, 1]
+    rows = [torch.randint(3, 128, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    with torch.no_grad():
+        batched = ours(ids, attention_mask=mask)
+        for i, r in enumerate(rows):
+            alone = ours(r[None])[0]
+            ref_alone = ref(r[None]).logits[0]
+            assert (batched[i, width - len(r):] - alone).abs().max() <= 1e-4
+            assert (alone - ref_alone).abs().max() <= 1e-4
+    assert torch.isfinite(batched).all()
+
+
+def test_kv_cache_decoding_equals_full_recompute(tmp_path):
+    write_checkpoint(tmp_path, num_key_value_heads=2)
+    model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        model.setup_cache(batch=2, max_len=16)
+        prefill = model(ids[:, :8], input_pos=torch.arange(8))
+        steps = [model(ids[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(8, 12)]
+        model.clear_cache()
+    cached = torch.cat([prefill] + steps, dim=1)
+    assert (cached - full).abs().max() <= 1e-4
+
+
+def test_bf16_close_to_float32(tmp_path):
+    write_checkpoint(tmp_path)
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        ref = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")(ids)
+        bf16 = load_model(tmp_path, compute_dtype=torch.bfloat16, device="cpu")(ids).float()
+    assert bf16.dtype == torch.float32
+    rel = (bf16 - ref).norm() / ref.norm()
+    assert rel < 0.05
