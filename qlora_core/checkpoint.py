@@ -101,6 +101,7 @@ def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute
         more = " ..." if len(missing) > 5 else ""
         raise QLoRAError(f"{model_dir}: weights missing from the checkpoint: {', '.join(missing[:5])}{more}")
     model.model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.name_or_path = str(path_or_repo_id)
     return model.eval()
 
 

@@ -12,3 +12,12 @@ class QLoRAError(Exception):
 def log(msg: str) -> None:
     """Print a progress message to stderr, so that stdout stays free for results."""
     print(f"[qlora_core] {msg}", file=sys.stderr, flush=True)
+
+
+def run_cli(main) -> None:
+    """Run a command-line entry point: a QLoRAError becomes one line on stderr and exit status 2, no traceback."""
+    try:
+        main()
+    except QLoRAError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
