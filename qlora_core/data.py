@@ -1,4 +1,4 @@
-"""Instruction records: loading and checking them, tokenizing them with label masks, padding batches, length-grouped batches."""
+"""Instruction records: loading and checking them, tokenizing with label masks, padding, length-grouped batches."""
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +86,9 @@ def load_records(path: str | Path, require_output: bool = True) -> list[dict]:
     return records
 
 
-def encode_example(tok, record: dict, template: str, max_source_len: int, max_target_len: int) -> tuple[list[int], list[int]]:
+def encode_example(
+    tok, record: dict, template: str, max_source_len: int, max_target_len: int
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of one record, as qlora.py builds them.
 
     The source is BOS + the prompt, cut to its first `max_source_len` tokens; the target is the output
@@ -124,8 +126,8 @@ def length_grouped_batches(
 ) -> list[list[int]]:
     """The batches of one epoch, as lists of example indices; every index appears once, the last batch may be short.
 
-    The order is a random permutation from `torch.manual_seed(seed + epoch)` (as DistributedSampler
-    seeds it). Without grouping it is cut into batches as it is. With grouping it follows HF's
+    The order is a random permutation from a torch.Generator seeded with `seed + epoch` (as
+    DistributedSampler seeds it). Without grouping it is cut into batches as it is. With grouping it follows HF's
     LengthGroupedSampler: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
     batches (at least 1), sort each megabatch by length, longest first, and cut it into batches.
     The megabatch order is kept, and the first batch of the megabatch holding the longest example

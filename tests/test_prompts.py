@@ -9,7 +9,7 @@ from qlora_core.prompts import (
 )
 from qlora_core.util import QLoRAError
 
-SYSTEM = "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
+SYSTEM = DEFAULT_TEMPLATE.split("USER:")[0]
 
 
 def make_records():
@@ -26,6 +26,7 @@ def make_records():
 
 
 def test_format_prompt_matches_the_seed():
+    assert SYSTEM == "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
     assert format_prompt("翻譯成文言文：\n你好") == f"{SYSTEM}USER: 翻譯成文言文：\n你好 ASSISTANT:"
     assert format_prompt("a{b}", "Q: {instruction} A:") == "Q: a{b} A:"
 
