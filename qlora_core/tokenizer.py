@@ -10,7 +10,7 @@ from pathlib import Path
 import sentencepiece
 import tokenizers
 
-from qlora_core.util import QLoRAError
+from .util import QLoRAError
 
 # Llama-2 repositories ship both files; their SentencePiece model is the reference, so it comes first.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
