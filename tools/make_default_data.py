@@ -1,10 +1,12 @@
-"""Write qlora_core/default_data/{train,eval}.jsonl: a seeded sample of short NiuTrans pairs as ADL-style instructions.
+"""Write qlora_core/default_data/{train,eval}.jsonl: a seeded sample of short NiuTrans pairs as ADL-style instructions,
+and tokenizer.model: a small SentencePiece BPE model trained on them, for the built-in demo model.
 
 Run from anywhere: `python tools/make_default_data.py`. It reads ../shared/data/classical-modern/pairs.jsonl
 (next to the repository) and writes the same files every time.
 """
 import json
 import random
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -13,6 +15,7 @@ OUT = ROOT / "qlora_core" / "default_data"
 SEED = 3
 N_TRAIN, N_EVAL = 600, 60
 MAX_CLASSICAL, MAX_MODERN = 40, 60
+VOCAB_SIZE = 3072
 
 # Phrasings copied from the ADL HW3 instructions (their "下麵" included); {text} is the sentence to translate.
 TO_CLASSICAL = [
@@ -59,6 +62,26 @@ def main() -> None:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         (OUT / f"{name}.jsonl").write_text(text, encoding="utf-8")
         print(f"{name}: {len(records)} records, {len(text.encode())} bytes, from {len(short)} short pairs")
+    write_tokenizer()
+
+
+def write_tokenizer() -> None:
+    """A Llama-2-style SentencePiece BPE model (byte fallback, identity normalizer) over the shipped records."""
+    import sentencepiece as spm
+    sys.path.insert(0, str(ROOT))
+    from qlora_core.prompts import DEFAULT_TEMPLATE
+    texts = [DEFAULT_TEMPLATE]
+    for name in ("train", "eval"):
+        for line in (OUT / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            record = json.loads(line)
+            texts += [record["instruction"], record["output"]]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(OUT / "tokenizer"), vocab_size=VOCAB_SIZE, model_type="bpe",
+        byte_fallback=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        num_threads=1, minloglevel=2)
+    (OUT / "tokenizer.vocab").unlink()
+    print(f"tokenizer.model: {VOCAB_SIZE} pieces")
 
 
 if __name__ == "__main__":

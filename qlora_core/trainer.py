@@ -1,0 +1,295 @@
+"""The QLoRA training loop: fetch micro-batches, forward, scale the loss, backward, step every N, log, eval, save.
+
+It replaces transformers' Trainer for the seed's recipe. A checkpoint holds everything a resumed run needs
+to continue along the same trajectory (adapter, optimizer, schedule, RNG states, data position), and is
+written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
+"""
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import IGNORE_INDEX, collate, length_grouped_batches
+from .lora import load_adapter, save_adapter
+from .optim import linear_schedule, make_optimizer
+from .util import QLoRAError, log
+
+
+@dataclass
+class TrainConfig:
+    """The seed's hyperparameters (qlora.py as the ADL HW3 run used it)."""
+
+    output_dir: str = "runs/default"
+    max_steps: int = 200
+    batch_size: int = 2
+    """Examples per micro-batch."""
+    grad_accum: int = 16
+    """Micro-batches per optimizer step: 2 x 16 gives an effective batch of 32."""
+    lr: float = 2e-4
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    weight_decay: float = 0.0
+    optim: str = "paged_adamw_32bit"
+    eval_every: int = 50
+    """Optimizer steps between evaluations (0: only at the end)."""
+    save_every: int = 50
+    """Optimizer steps between checkpoints (0: only at the end)."""
+    eval_batch_size: int = 8
+    seed: int = 42
+    group_by_length: bool = True
+    gradient_checkpointing: bool | None = None
+    """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
+
+
+# Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
+RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim", "group_by_length")
+
+
+class BatchStream:
+    """Micro-batches of example indices, epoch after epoch, with a position that a checkpoint can hold."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+        self.epoch, self.index = 0, 0
+        self._batches = None
+
+    def next(self) -> list[int]:
+        if self._batches is None:
+            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
+        if self.index == len(self._batches):
+            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
+            return self.next()
+        self.index += 1
+        return self._batches[self.index - 1]
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load(self, state: dict):
+        self.epoch, self.index, self._batches = state["epoch"], state["index"], None
+
+
+def target_count(batch: dict) -> int:
+    """Tokens the loss counts in a batch: labelled positions after the shift by one."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over the batch's target tokens, in float32.
+
+    The batch is right-padded, so plain causal attention already keeps real tokens from seeing padding.
+    lm_head runs only on the positions whose next token is a target, which saves most of its time and memory.
+    """
+    device = model.lm_head.weight.device
+    hidden = model.model(batch["input_ids"].to(device))[:, :-1]
+    labels = batch["labels"][:, 1:].to(device)
+    keep = labels != IGNORE_INDEX
+    logits = model.lm_head(hidden[keep]).float()
+    return F.cross_entropy(logits, labels[keep], reduction="sum")
+
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
+    """Mean token loss over examples (teacher forcing, the training loss without dropout)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i:i + batch_size], pad_id)
+        total += loss_sum(model, batch).item()
+        count += target_count(batch)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints in output_dir, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_adapter(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng.pt")
+    state = {"step": step, "data": stream.state(), "config": asdict(cfg)}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
+    """Restore a checkpoint into the run's objects; returns its step."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    for name in RESUME_FIELDS:
+        if state["config"].get(name) != getattr(cfg, name):
+            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={state['config'].get(name)!r}, "
+                             f"this run asks for {name}={getattr(cfg, name)!r}")
+    load_adapter(model, path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: holds Python's RNG tuple
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    stream.load(state["data"])
+    return state["step"]
+
+
+class StopSignal:
+    """Turns the first SIGINT/SIGTERM into a request to save and stop after the current step.
+
+    A second signal acts as usual (the handlers are restored after the first), so a stuck run can still be killed.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        self.__exit__()
+        log(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=None, eval_fn=None,
+          resume: bool = False) -> dict:
+    """Train the model's LoRA parameters on tokenized (input_ids, labels) examples.
+
+    eval_fn(model) -> dict, if given, adds metrics (the ADL perplexity) to each evaluation.
+    Returns {"step", "stopped_by": signal name or None, "adapter_dir"}.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.optim, cfg.lr, cfg.weight_decay)
+    scheduler = linear_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio)
+    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.seed, cfg.group_by_length)
+    use_ckpt = cfg.gradient_checkpointing
+    model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
+
+    step, last_ckpt = 0, None
+    if resume:
+        found = checkpoint_dirs(out)
+        if not found:
+            raise QLoRAError(f"{out}: --resume given, but there is no checkpoint-* directory to resume from")
+        last_ckpt = found[-1]
+        step = load_checkpoint(last_ckpt, model, optimizer, scheduler, stream, cfg)
+        log(f"resumed from {last_ckpt} at step {step}")
+    metrics_file = (out / "metrics.jsonl").open("a")
+
+    def record(row: dict):
+        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.flush()
+
+    def evaluate():
+        if eval_examples:
+            row = {"step": step, "eval_loss": eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size)}
+            row.update(eval_fn(model) if eval_fn else {})
+            record(row)
+            log("eval " + " ".join(f"{k}={v:.4g}" for k, v in row.items()))
+
+    model.train()
+    if step == 0:
+        evaluate()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    stopped_by = None
+    try:
+        with StopSignal() as stop:
+            while step < cfg.max_steps and stop.signum is None:
+                t0 = time.perf_counter()
+                batches = [collate([train_examples[i] for i in stream.next()], pad_id) for _ in range(cfg.grad_accum)]
+                n_targets = sum(target_count(b) for b in batches)
+                total = 0.0
+                for batch in batches:
+                    loss = loss_sum(model, batch) / max(n_targets, 1)
+                    if not torch.isfinite(loss):
+                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+                        raise QLoRAError(f"loss became {loss.item()} at step {step + 1}; stopping ({where})")
+                    loss.backward()
+                    total += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                row = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                record(row)
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    evaluate()
+                if stop.signum is not None or (cfg.save_every and step % cfg.save_every == 0):
+                    last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg)
+            stopped_by = signal.Signals(stop.signum).name if stop.signum else None
+    finally:
+        bar.close()
+        metrics_file.close()
+    if stopped_by:
+        log(f"stopped by {stopped_by} at step {step}; {last_ckpt} holds the run: continue it with --resume")
+    else:
+        evaluate()
+        save_adapter(model, out)
+        plot_curve(out / "metrics.jsonl", out / "learning_curve.png")
+        log(f"done: adapter in {out}")
+    return {"step": step, "stopped_by": stopped_by, "adapter_dir": str(out)}
+
+
+def plot_curve(metrics_path: Path, png_path: Path):
+    """Perplexity (or eval loss) against steps, as the seed's figure, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    evals = {r["step"]: r for r in rows if "eval_loss" in r}
+    if not evals:
+        return
+    key = "eval_perplexity" if all("eval_perplexity" in r for r in evals.values()) else "eval_loss"
+    steps = sorted(evals)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, [evals[s][key] for s in steps], marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title("learning curve")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+
+
+def perplexity_of(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
