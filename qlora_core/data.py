@@ -22,6 +22,8 @@ class DataConfig:
     """Tokens kept of BOS + prompt (qlora.py's source_max_len)."""
     max_target_len: int = 256
     """Tokens kept of output + EOS (qlora.py's target_max_len)."""
+    max_len: int = 2048
+    """Tokens kept of a whole example, prompt and output together (the ADL perplexity's cut)."""
     group_by_length: bool = True
     """Batch examples of similar length together, as the seed's Trainer did."""
     seed: int = 42
@@ -101,8 +103,9 @@ def encode_example(
 
 
 def tokenize_records(tok, records: list[dict], cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
-    """`encode_example` over every record, with the config's template and lengths."""
-    return [encode_example(tok, r, cfg.template, cfg.max_source_len, cfg.max_target_len) for r in records]
+    """`encode_example` over every record, with the config's template and lengths, each cut to cfg.max_len."""
+    examples = [encode_example(tok, r, cfg.template, cfg.max_source_len, cfg.max_target_len) for r in records]
+    return [(ids[:cfg.max_len], labels[:cfg.max_len]) for ids, labels in examples]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

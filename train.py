@@ -1,0 +1,116 @@
+"""QLoRA fine-tuning of a LLaMA-family model on instruction data.
+
+With no arguments it runs the built-in demo job on the CPU in a few minutes: a tiny random-weight LLaMA with a
+shipped Chinese tokenizer, trained on a shipped Classical/Modern Chinese sample (NiuTrans, MIT).
+The seed's job (Taiwan-LLaMA-v2-chat on ADL HW3):
+    python train.py --model yentinglin/Taiwan-LLaMA-v2-chat --train-file train.json --eval-file public_test.json \\
+        --output-dir runs/taiwan-llama
+"""
+import argparse
+import sys
+
+import torch
+
+from qlora_core import load_model, load_tokenizer
+from qlora_core.builtin import builtin_model_dir
+from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
+from qlora_core.lora import add_lora, parameter_summary
+from qlora_core.metrics import perplexities
+from qlora_core.optim import OPTIMIZERS
+from qlora_core.prompts import DEFAULT_TEMPLATE
+from qlora_core.trainer import TrainConfig, train
+from qlora_core.util import QLoRAError, log, run_cli
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    t, d = TrainConfig(), DataConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="a local Hugging Face checkpoint directory or a hub repo id "
+                   "(default: the built-in tiny demo model with random weights)")
+    p.add_argument("--train-file", help="training records: a JSON list or JSON Lines of {id, instruction, output} "
+                   "(default: the shipped Classical/Modern sample)")
+    p.add_argument("--eval-file", help="records to evaluate on every --eval-every steps: mean token loss and the "
+                   "ADL perplexity (default: the shipped eval sample when --train-file is not given)")
+    p.add_argument("--output-dir", default=t.output_dir, help="where checkpoints, metrics.jsonl, the learning curve "
+                   "and the final adapter go (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=t.max_steps, help="optimizer steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per micro-batch (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=t.grad_accum,
+                   help="micro-batches per optimizer step; the effective batch is batch-size x grad-accum (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
+                   help="fraction of steps of linear warmup, then linear decay to 0 (default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm, help="gradient-norm clipping (default: %(default)s)")
+    p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r (default: %(default)s)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
+    p.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated projections to adapt, or all-linear for all seven (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=d.max_len,
+                   help="cap on the tokens of one example, prompt and output together (default: %(default)s)")
+    p.add_argument("--max-source-len", type=int, default=d.max_source_len,
+                   help="tokens kept of BOS + prompt (default: %(default)s)")
+    p.add_argument("--max-target-len", type=int, default=d.max_target_len,
+                   help="tokens kept of output + EOS (default: %(default)s)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help="prompt template with {instruction} (default: the Taiwan-LLaMA chat prompt)")
+    p.add_argument("--eval-every", type=int, default=t.eval_every, help="steps between evaluations (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=t.save_every,
+                   help="steps between checkpoints in OUTPUT_DIR/checkpoint-STEP (default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--seed", type=int, default=t.seed, help="seed of LoRA init, dropout and data order (default: %(default)s)")
+    p.add_argument("--optim", default=t.optim, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
+    p.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
+                   help="store the base's projections in 4-bit NF4 with double quantization (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
+    p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer in backward (default: on for CUDA, off for the CPU)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    defaults = args.train_file is None
+    model_path = args.model or builtin_model_dir()
+    if args.model is None:
+        log(f"no --model: using the built-in demo model (tiny, random weights) at {model_path}")
+    train_file = args.train_file or DEFAULT_TRAIN
+    eval_file = args.eval_file or (DEFAULT_EVAL if defaults else None)
+    data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
+                          max_target_len=args.max_target_len, max_len=args.max_len, seed=args.seed)
+    cfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                      max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
+                      save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
+    if min(cfg.max_steps, cfg.batch_size, cfg.grad_accum) < 1:
+        raise QLoRAError("--max-steps, --batch-size and --grad-accum must be at least 1")
+
+    tok = load_tokenizer(model_path)
+    train_records = load_records(train_file)
+    eval_records = load_records(eval_file) if eval_file else None
+    model = load_model(model_path, quantize=None if args.quantize == "none" else args.quantize,
+                       compute_dtype=DTYPES[args.dtype], device=args.device)
+    torch.manual_seed(args.seed)
+    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
+    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    log(parameter_summary(model))
+
+    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    train_examples = tokenize_records(tok, train_records, data_cfg)
+    eval_examples = tokenize_records(tok, eval_records, data_cfg) if eval_records else None
+
+    def eval_fn(m):
+        ppl = perplexities(m, tok, eval_records, template=args.template, batch_size=cfg.eval_batch_size)
+        return {"eval_perplexity": sum(ppl) / len(ppl)}
+
+    result = train(model, train_examples, pad_id, cfg, eval_examples, eval_fn if eval_records else None,
+                   resume=args.resume)
+    if result["stopped_by"]:
+        sys.exit(130 if result["stopped_by"] == "SIGINT" else 143)
+
+
+if __name__ == "__main__":
+    run_cli(main)
