@@ -5,7 +5,6 @@ to continue along the same trajectory (adapter, optimizer, schedule, RNG states,
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
 import json
-import math
 import os
 import random
 import shutil
@@ -95,6 +94,24 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     keep = labels != IGNORE_INDEX
     logits = model.lm_head(hidden[keep]).float()
     return F.cross_entropy(logits, labels[keep], reduction="sum")
+
+
+def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: Path | None = None) -> float:
+    """Backward over micro-batches so the gradients equal those of one batch of all of them; returns its loss.
+
+    Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, so
+    2 x 16 gives exactly the mean token loss of one batch of 32. A NaN or inf loss stops the run.
+    """
+    n_targets = max(sum(target_count(b) for b in batches), 1)
+    total = 0.0
+    for batch in batches:
+        loss = loss_sum(model, batch) / n_targets
+        if not torch.isfinite(loss):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+            raise QLoRAError(f"loss became {loss.item()} at step {step}; stopping ({where})")
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 @torch.no_grad()
@@ -228,15 +245,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
             while step < cfg.max_steps and stop.signum is None:
                 t0 = time.perf_counter()
                 batches = [collate([train_examples[i] for i in stream.next()], pad_id) for _ in range(cfg.grad_accum)]
-                n_targets = sum(target_count(b) for b in batches)
-                total = 0.0
-                for batch in batches:
-                    loss = loss_sum(model, batch) / max(n_targets, 1)
-                    if not torch.isfinite(loss):
-                        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-                        raise QLoRAError(f"loss became {loss.item()} at step {step + 1}; stopping ({where})")
-                    loss.backward()
-                    total += loss.item()
+                total = accumulate_gradients(model, batches, step + 1, last_ckpt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 optimizer.step()
                 scheduler.step()
@@ -290,6 +299,3 @@ def plot_curve(metrics_path: Path, png_path: Path):
     fig.savefig(png_path)
     plt.close(fig)
 
-
-def perplexity_of(loss: float) -> float:
-    return math.exp(min(loss, 50.0))
