@@ -20,6 +20,9 @@ def nf4_linear(weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: t
     out_features, in_features = weight.shape
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
                               compress_statistics=True, quant_type="nf4", device="meta")
+    # On CPUs with AVX512-BF16, bnb repacks the weight in place at the first no-grad eval forward (bf16 absmax,
+    # no double quantization), which changes the results and leaves a weight that dequantize_4bit misreads.
+    layer.support_avx512bf16_for_cpu = False
     packed, state = quantize_nf4(weight, compute_dtype)
     layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE,
                                      compress_statistics=True, quant_type="nf4", bnb_quantized=True,

@@ -262,14 +262,15 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                 if stop.signum is not None or (cfg.save_every and step % cfg.save_every == 0):
                     last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg)
             stopped_by = signal.Signals(stop.signum).name if stop.signum else None
+        if stopped_by is None:
+            evaluate()
+            save_adapter(model, out)
     finally:
         bar.close()
         metrics_file.close()
     if stopped_by:
         log(f"stopped by {stopped_by} at step {step}; {last_ckpt} holds the run: continue it with --resume")
     else:
-        evaluate()
-        save_adapter(model, out)
         plot_curve(out / "metrics.jsonl", out / "learning_curve.png")
         log(f"done: adapter in {out}")
     return {"step": step, "stopped_by": stopped_by, "adapter_dir": str(out)}
