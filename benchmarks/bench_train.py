@@ -1,0 +1,189 @@
+"""QLoRA training step: qlora_core against transformers + peft + bitsandbytes, same data, same card, one process.
+
+Both sides: the base in NF4 with double quantization and bf16 compute, LoRA r=4 alpha=16 dropout=0.05 on the seven
+projections, gradient checkpointing, `--grad-accum` micro-batches of `--batch-size` x `--seq-len` random tokens
+(labelled except the first `--prompt-len`), gradient clipping at 0.3, then one step of paged AdamW 32-bit.
+
+Rows: ours; hf (peft's prepare_model_for_kbit_training, which casts norms, embeddings and lm_head to float32, run
+under bf16 autocast as transformers' Trainer(bf16=True) in the QLoRA script does); hf-nocast (the same without
+the float32 cast and autocast: every non-4-bit weight stays bf16). `ours/<key>` is ours' value over the row's.
+
+    python benchmarks/bench_train.py --preset llama-2-7b --layers 32 --out train.json        # on a GPU
+    python benchmarks/bench_train.py --preset tiny --device cpu --steps 1 --grad-accum 2 --seq-len 64   # smoke
+"""
+import argparse
+import contextlib
+
+import torch
+
+from common import (PROJECTIONS, add_ratios, allocated_gib, cuda_timer, free_memory, log, measure, model_config,
+                    peak_gib, print_table, reset_peak, write_json, write_random_checkpoint)
+
+from qlora_core.data import IGNORE_INDEX, collate  # after common, which puts the repo on sys.path
+
+IMPLS = ("ours", "hf", "hf-nocast")
+
+
+def make_batches(n: int, batch_size: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0) -> list[dict]:
+    """n collated micro-batches of random token ids (BOS first), labelled after the first prompt_len tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen)
+        ids[:, 0] = 1
+        labels = ids.clone()
+        labels[:, :prompt_len] = IGNORE_INDEX
+        batches.append(collate(list(zip(ids.tolist(), labels.tolist())), pad_id=0))
+    return batches
+
+
+def load_ours(model_dir, device, args):
+    from qlora_core.checkpoint import load_model
+    from qlora_core.lora import add_lora
+    from qlora_core.optim import make_optimizer
+
+    model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
+    add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
+    model.model.gradient_checkpointing = True
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, make_optimizer(params, "paged_adamw_32bit", lr=2e-4)
+
+
+def train_step_ours(model, params, optimizer, batches, device):
+    from qlora_core.trainer import accumulate_gradients
+
+    loss = accumulate_gradients(model, batches)
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def load_hf(model_dir, device, args, fp32_cast: bool):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map={"": torch.device(device)})
+    if fp32_cast:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    else:  # prepare_model_for_kbit_training without its float32 cast
+        model.requires_grad_(False)
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    lora = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=PROJECTIONS,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.config.use_cache = False
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, bnb.optim.PagedAdamW32bit(params, lr=2e-4)
+
+
+def train_step_hf(model, params, optimizer, batches, device, autocast: bool):
+    """Each micro-batch's mean loss over grad_accum, as transformers' Trainer accumulates."""
+    ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    total = 0.0
+    for batch in batches:
+        with ctx:
+            loss = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device)).loss
+        loss = loss / len(batches)
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def run_one(impl: str, model_dir, device, args, batches) -> dict:
+    log(f"{impl}: loading")
+    free_memory(device)
+    with cuda_timer(device) as load:
+        if impl == "ours":
+            model, params, optimizer = load_ours(model_dir, device, args)
+        else:
+            model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=impl == "hf")
+    weights_gib = allocated_gib(device)
+    steps = [batches[i:i + args.grad_accum] for i in range(0, len(batches), args.grad_accum)]
+    it = iter(steps)
+    losses = []
+
+    def step():
+        b = next(it)
+        if impl == "ours":
+            losses.append(train_step_ours(model, params, optimizer, b, device))
+        else:
+            losses.append(train_step_hf(model, params, optimizer, b, device, autocast=impl == "hf" and args.hf_autocast))
+
+    log(f"{impl}: loaded in {load['s']:.1f} s; {args.warmup_steps} warmup + {args.steps} timed steps")
+    reset_peak(device)
+    timing = measure(step, args.warmup_steps, args.steps, device)
+    tokens = sum(int(b["attention_mask"].sum()) for b in steps[0])
+    row = {"impl": impl, "tokens_per_s": tokens / timing["median_s"], "step_s": timing["median_s"],
+           **peak_gib(device), "weights_gib": weights_gib, "load_s": load["s"], "first_loss": losses[0],
+           "trainable_params": sum(p.numel() for p in params), "step_times_s": timing["times_s"]}
+    del model, params, optimizer, it, step
+    free_memory(device)
+    log(f"{impl}: {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-2-7b", help="tiny, or a name in qlora_core.config.PRESETS")
+    ap.add_argument("--config-json", help="a config.json to use instead of a preset")
+    ap.add_argument("--layers", type=int, help="cut the model to this many decoder layers")
+    ap.add_argument("--workdir", default="/tmp/qlora_bench", help="where the random checkpoint is written")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, among {', '.join(IMPLS)}")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--prompt-len", type=int, default=64, help="leading tokens of each example left unlabelled")
+    ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    ap.add_argument("--warmup-steps", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
+    ap.add_argument("--r", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--no-hf-autocast", dest="hf_autocast", action="store_false",
+                    help="run the hf row without bf16 autocast")
+    ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/bench_train.json)")
+    args = ap.parse_args()
+
+    impls = [i for i in args.impls.split(",") if i]
+    unknown = set(impls) - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(IMPLS)})")
+    cfg = model_config(args.preset, args.config_json, args.layers)
+    name = f"{args.preset if not args.config_json else 'config'}-{cfg.num_hidden_layers}l"
+    model_dir = write_random_checkpoint(cfg, f"{args.workdir}/{name}")
+    batches = make_batches((args.warmup_steps + args.steps) * args.grad_accum, args.batch_size, args.seq_len,
+                           args.prompt_len, cfg.vocab_size)
+    torch.manual_seed(0)
+
+    rows = []
+    for impl in impls:
+        try:
+            rows.append(run_one(impl, model_dir, args.device, args, batches))
+        except Exception as e:  # one side failing (an API change, out of memory) still leaves the other's numbers
+            log(f"{impl}: failed: {type(e).__name__}: {e}")
+            rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
+        free_memory(args.device)  # outside the except: its traceback no longer holds the failed model
+    add_ratios(rows, ["tokens_per_s", "peak_alloc_gib", "load_s"])
+    print_table(rows, ["impl", "tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "weights_gib",
+                       "load_s", "first_loss", "ours/tokens_per_s", "ours/peak_alloc_gib", "ours/load_s"])
+    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers,
+                    tokens_per_step=args.batch_size * args.seq_len * args.grad_accum)
+    write_json(args.out or f"{args.workdir}/bench_train.json", rows, args.device, benchmark="train",
+               settings=settings, config=cfg.to_dict())
+    if any("error" in r for r in rows):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

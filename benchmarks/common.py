@@ -1,0 +1,253 @@
+"""What the benchmarks share: random checkpoints at real shapes, timing, GPU memory, environment, tables and JSON.
+
+The benchmarks compare qlora_core with transformers + peft + bitsandbytes in one process on one card. No machine
+here reaches the hub, so the weights are random at a real model's shape; speed and memory do not depend on them.
+"""
+import dataclasses
+import gc
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/x.py` finds qlora_core uninstalled
+
+from qlora_core.config import PRESETS, ModelConfig  # noqa: E402
+from qlora_core.model import DecoderLayer  # noqa: E402
+
+TINY = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+"""A few-hundred-thousand-parameter LLaMA for smoke runs on the CPU (grouped-query attention included)."""
+GIB = 2 ** 30
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, once per call
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def model_config(preset: str = "llama-2-7b", config_json: str | None = None, num_layers: int | None = None):
+    """A preset by name ("tiny" or one of qlora_core.config.PRESETS) or a config.json, depth cut to num_layers."""
+    if config_json:
+        cfg = ModelConfig.from_json(config_json)
+    elif preset == "tiny":
+        cfg = TINY
+    elif preset in PRESETS:
+        cfg = PRESETS[preset]
+    else:
+        raise SystemExit(f"unknown preset {preset!r} (tiny, {', '.join(PRESETS)})")
+    return dataclasses.replace(cfg, num_hidden_layers=num_layers or cfg.num_hidden_layers)
+
+
+def write_random_checkpoint(cfg: str | ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                            num_layers: int | None = None, seed: int = 0) -> Path:
+    """Write a Hugging Face-layout checkpoint of random weights: config.json and one safetensors shard a layer.
+
+    Matrices are normal(0, 0.02), norms 1, biases 0. One layer is in host memory at a time, drawn on the GPU when
+    there is one (fast) with a seeded generator. A complete checkpoint of the same config, dtype and seed is reused.
+    """
+    from safetensors.torch import save_file
+
+    cfg = model_config(cfg, num_layers=num_layers) if isinstance(cfg, str) else cfg
+    if num_layers:
+        cfg = dataclasses.replace(cfg, num_hidden_layers=num_layers)
+    out = Path(out_dir)
+    stamp = {"config": cfg.to_dict(), "dtype": str(dtype), "seed": seed}
+    done = out / "random_checkpoint.json"
+    if done.is_file() and json.loads(done.read_text()) == stamp:
+        log(f"reusing the random checkpoint in {out}")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    done.unlink(missing_ok=True)
+    for old in out.glob("model*.safetensors*"):
+        old.unlink()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype).cpu()
+
+    with torch.device("meta"):
+        layer_shapes = {name: p.shape for name, p in DecoderLayer(cfg).named_parameters()}
+    n_shards = cfg.num_hidden_layers + 2
+    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
+    weight_map, total = {}, 0
+
+    def write(i: int, tensors: dict):
+        nonlocal total
+        name = shard_name(i + 1, n_shards)
+        save_file(tensors, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    t0 = time.perf_counter()
+    write(0, {"model.embed_tokens.weight": rand(cfg.vocab_size, cfg.hidden_size)})
+    for i in range(cfg.num_hidden_layers):
+        tensors = {}
+        for name, shape in layer_shapes.items():
+            if name.endswith("layernorm.weight"):
+                t = torch.ones(shape, dtype=dtype)
+            elif name.endswith(".bias"):
+                t = torch.zeros(shape, dtype=dtype)
+            else:
+                t = rand(*shape)
+            tensors[f"model.layers.{i}.{name}"] = t
+        write(i + 1, tensors)
+    last = {"model.norm.weight": torch.ones(cfg.hidden_size, dtype=dtype)}
+    if not cfg.tie_word_embeddings:
+        last["lm_head.weight"] = rand(cfg.vocab_size, cfg.hidden_size)
+    write(n_shards - 1, last)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": str(dtype).split(".")[-1]},
+                                                indent=2))
+    done.write_text(json.dumps(stamp))
+    log(f"wrote a random checkpoint of {total / GIB:.2f} GiB to {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def cuda_timer(device):
+    """Wall-clock seconds of the block with the device synchronized on both sides: `with cuda_timer(d) as t: ...`,
+    then t["s"]. Steps here take milliseconds to seconds and include host work, so a host clock is the right one."""
+    timing = {}
+    sync(device)
+    t0 = time.perf_counter()
+    yield timing
+    sync(device)
+    timing["s"] = time.perf_counter() - t0
+
+
+def measure(fn, warmup: int, iters: int, device) -> dict:
+    """Run fn warmup times untimed, then iters times timed; seconds of each timed run and their median."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        with cuda_timer(device) as t:
+            fn()
+        times.append(t["s"])
+    return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times)}
+
+
+def reset_peak(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> dict:
+    """Peak GPU memory since the last reset_peak: allocated by tensors and reserved by the caching allocator."""
+    if torch.device(device).type != "cuda":
+        return {"peak_alloc_gib": None, "peak_reserved_gib": None}
+    return {"peak_alloc_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+
+
+def allocated_gib(device):
+    return torch.cuda.memory_allocated(device) / GIB if torch.device(device).type == "cuda" else None
+
+
+def peak_memory(fn, device):
+    """(fn's result, peak_gib(device) over fn alone)."""
+    reset_peak(device)
+    result = fn()
+    sync(device)
+    return result, peak_gib(device)
+
+
+def free_memory(device) -> None:
+    """After `del model, optimizer`: collect, drop bitsandbytes' paged optimizer buffers, empty the cache, reset peaks."""
+    gc.collect()
+    try:
+        from bitsandbytes.functional import GlobalPageManager
+        GlobalPageManager.get_instance().paged_tensors.clear()
+    except ImportError:
+        pass
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_revision() -> str | None:
+    """The repository's commit, with "+dirty" when the working tree has changes; None outside a git checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.strip() else "")
+
+
+def environment(device) -> dict:
+    """The card and software a result came from; every JSON file carries it."""
+    env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "transformers": version("transformers"), "peft": version("peft"),
+           "bitsandbytes": version("bitsandbytes"), "git": git_revision(), "host": platform.node(), "argv": sys.argv}
+    if torch.device(device).type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
+                   multiprocessors=props.multi_processor_count)
+    else:
+        env.update(gpu=None, cpu=platform.processor() or platform.machine())
+    return env
+
+
+def write_json(path: str | Path, rows: list[dict], device, **extra) -> None:
+    """rows plus the environment (and any extra keys, such as the run's settings) as one JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(device), **extra, "rows": rows}, indent=2))
+    log(f"wrote {path}")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.0f}"
+    return str(v)
+
+
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """rows as a Markdown table on stdout, columns in the given order (default: the keys of the first row)."""
+    columns = columns or list(rows[0])
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
+    sys.stdout.flush()
+
+
+def add_ratios(rows: list[dict], keys: list[str], match: tuple = (), ours: str = "ours") -> None:
+    """Give each row `ours/<key>`: the ours row's value over this row's, among rows equal on the `match` keys."""
+    for r in rows:
+        mine = next((o for o in rows if o["impl"] == ours and all(o.get(m) == r.get(m) for m in match)), None)
+        for k in keys:
+            ok = mine is not None and mine.get(k) is not None and r.get(k)
+            r[f"ours/{k}"] = mine[k] / r[k] if ok else None

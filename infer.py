@@ -1,0 +1,107 @@
+"""Generate outputs for a test file (the ADL HW3 submission format), or score it with the course's perplexity.
+
+    python infer.py --model PATH [--adapter DIR] --test-file test.json --output pred.json
+    python infer.py --model PATH --adapter DIR --test-file public_test.json --output ppl.json --perplexity
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from qlora_core.checkpoint import load_model, resolve_model_dir
+from qlora_core.data import load_records
+from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
+from qlora_core.metrics import perplexities
+from qlora_core.prompts import select_few_shot
+from qlora_core.tokenizer import load_tokenizer
+from qlora_core.util import QLoRAError, log, run_cli
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="base model: a checkpoint directory or a Hugging Face hub id")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) to apply on the base model")
+    p.add_argument("--test-file", required=True, type=Path,
+                   help='JSON list (or JSON Lines) of {"id", "instruction"} records; --perplexity also needs "output"')
+    p.add_argument("--output", required=True, type=Path,
+                   help='where to write the JSON list of {"id", "output"}; with --perplexity, the per-record '
+                        'perplexities')
+    p.add_argument("--prompt", choices=PROMPT_MODES,
+                   help="zero-shot: the instruction in the seed's template; few-shot: --num-shots training examples "
+                        "as earlier turns before it; lora: the zero-shot template for an adapter trained on it "
+                        "(needs --adapter). Default: lora with --adapter, else zero-shot")
+    p.add_argument("--few-shot-file", type=Path, help="training records to draw the few-shot examples from")
+    p.add_argument("--num-shots", type=int, default=5, help="few-shot examples per prompt (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the few-shot example choice (default 0)")
+    p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy",
+                   help="greedy decoding, or beam search as transformers' generate(num_beams=N) (default greedy)")
+    p.add_argument("--num-beams", type=int, default=3, help="beams of --decoder beam (default 3)")
+    p.add_argument("--max-new-tokens", type=int, default=128,
+                   help="most tokens generated per record (default 128). A prompt longer than the model's "
+                        "context (max_position_embeddings) minus this is cut to BOS + its last tokens, which "
+                        "drops the start of the system text or of the few-shot examples, never the instruction's end")
+    p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
+    p.add_argument("--quantize", choices=("nf4", "none"), default="nf4",
+                   help="store the base's projections in 4-bit NF4 (default) or keep them dense")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
+                   help="compute dtype of the model (default bfloat16)")
+    p.add_argument("--perplexity", action="store_true",
+                   help="score the test file's outputs with the course's perplexity (zero-shot template, 2048 "
+                        "tokens) instead of generating; prints 'mean_perplexity: X' last")
+    return p.parse_args(argv)
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mode = args.prompt or ("lora" if args.adapter else "zero-shot")
+    if mode == "lora" and not args.adapter:
+        raise QLoRAError("--prompt lora needs --adapter")
+    if mode == "few-shot" and not args.few_shot_file:
+        raise QLoRAError("--prompt few-shot needs --few-shot-file")
+    if args.perplexity and mode == "few-shot":
+        raise QLoRAError("--perplexity scores the zero-shot template, as the course's ppl.py; drop --prompt few-shot")
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_beams < 1 or args.num_shots < 1:
+        raise QLoRAError("--max-new-tokens, --batch-size, --num-beams and --num-shots must be at least 1")
+
+    records = load_records(args.test_file, require_output=args.perplexity)
+    examples = select_few_shot(load_records(args.few_shot_file), args.num_shots, args.seed) if mode == "few-shot" \
+        else []
+    model_dir = resolve_model_dir(args.model)
+    tok = load_tokenizer(model_dir)
+    model = load_model(model_dir, quantize=None if args.quantize == "none" else args.quantize,
+                       compute_dtype=DTYPES[args.dtype])
+    if args.adapter:
+        from qlora_core.lora import load_adapter
+        load_adapter(model, args.adapter)
+
+    if args.perplexity:
+        values = perplexities(model, tok, records, batch_size=args.batch_size)
+        mean = sum(values) / len(values)
+        result = {"perplexities": values, "mean_perplexity": mean, "ids": [r["id"] for r in records]}
+        write_json(args.output, result)
+        print(f"mean_perplexity: {mean}")
+        return
+
+    context = model.config.max_position_embeddings
+    if args.max_new_tokens >= context - 1:
+        raise QLoRAError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
+    prompts = build_prompts(tok, [r["instruction"] for r in records], mode, examples,
+                            max_prompt_len=context - args.max_new_tokens)
+    texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                           num_beams=args.num_beams if args.decoder == "beam" else 1)
+    predictions = [{"id": r["id"], "output": text} for r, text in zip(records, texts)]
+    write_json(args.output, predictions)
+    log(f"wrote {len(predictions)} predictions to {args.output}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,256 @@
+"""Text generation with a static KV cache: greedy, sampling and beam search over left-padded batches.
+
+As in gpt-fast, the cache is preallocated once for the whole batch and every decode step is the same
+function of fixed-shape tensors (`decode_one_token`), so a CUDA graph can capture it. Beam search keeps
+batch * num_beams rows and reorders the cache in place. It reproduces transformers' `generate(do_sample=False,
+num_beams=N, early_stopping=False)` token for token: see `beam_search`.
+"""
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
+from .util import QLoRAError, log
+
+PROMPT_MODES = ("zero-shot", "few-shot", "lora")
+NEG_INF = -1.0e9
+"""The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
+
+
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Run the prompts [rows, width] into the cache; float32 logits [rows, vocab] of their last position."""
+    return model(ids, attention_mask=mask, input_pos=input_pos)[:, -1].float()
+
+
+def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One decode step: tokens [rows, 1] written at cache slot input_pos [1]; float32 logits [rows, vocab].
+
+    mask [rows, cache_len] marks the valid cache slots. Every shape is fixed across steps.
+    """
+    return model(token, attention_mask=mask, input_pos=input_pos)[:, -1].float()
+
+
+def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [rows]: argmax when temperature is 0, else a sample from the top-p nucleus of softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the most likely token is always kept
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def reorder_cache(model, rows: torch.Tensor) -> None:
+    """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape)."""
+    for layer in model.model.layers:
+        cache = layer.self_attn.kv_cache
+        cache.k.copy_(cache.k.index_select(0, rows))
+        cache.v.copy_(cache.v.index_select(0, rows))
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, cache_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [rows, width], mask [rows, cache_len]): prompts padded on the left, mask True on their tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), cache_len), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[row, width - len(p):width] = True
+    return ids.to(device), mask.to(device)
+
+
+def cut_at_eos(tokens: torch.Tensor, eos_id: int | None) -> list[list[int]]:
+    """Rows of tokens [rows, n] as lists, each ending at its first EOS (kept) or running to n."""
+    rows = tokens.tolist()
+    if eos_id is None:
+        return rows
+    return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
+def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator):
+    """Greedy (or sampled) decoding of a left-padded batch whose cache is set up; tokens [rows, max_new_tokens].
+
+    A row that has produced EOS is done: it is fed pad tokens at masked slots from then on.
+    """
+    rows, width = ids.shape
+    logits = prefill(model, ids, mask, torch.arange(width, device=ids.device))
+    input_pos = torch.tensor([width], device=ids.device)
+    out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    for t in range(max_new_tokens):
+        token = select_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)
+        out[:, t] = token
+        if eos_id is not None:
+            done |= token == eos_id
+        if t + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+            break
+        mask.index_copy_(1, input_pos, ~done[:, None])
+        logits = decode_one_token(model, token[:, None], input_pos, mask)
+        input_pos += 1
+    return out
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [batch, n, ...] gathered along dim 1 at index [batch, k]."""
+    return torch.take_along_dim(x, index.view(*index.shape, *[1] * (x.dim() - 2)), dim=1)
+
+
+def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty):
+    """Beam search over a left-padded batch of batch * num_beams rows (each prompt repeated num_beams times)
+    whose cache is set up; tokens [batch, max_new_tokens] of the best finished hypothesis of each prompt.
+
+    The rules are those of transformers' `_beam_search` with early_stopping=False:
+    - each step keeps the top 2 * num_beams continuations (by summed log-probability) over all beams;
+    - a continuation that ends in EOS, or reaches max_new_tokens, is finished; it may join the prompt's
+      num_beams best finished hypotheses only if it ranks among the top num_beams continuations (an EOS ranked
+      lower is dropped), with the score sum_logprob / generated_len ** length_penalty (the EOS counts);
+    - the best num_beams unfinished continuations run on;
+    - a prompt is closed for good once all num_beams finished places are taken and the best running beam's score,
+      divided by the current length ** length_penalty, no longer beats the worst of them (a heuristic, not a
+      bound); nothing joins a closed prompt's finished set. The loop ends when all prompts are closed or at
+      max_new_tokens, where every top continuation finishes. The answer is the best finished hypothesis.
+    """
+    rows, width = ids.shape
+    batch, device = rows // num_beams, ids.device
+    keep = 2 * num_beams
+    mask[:, width:] = True  # every beam is live to the end; causality hides the slots not yet written
+    logits = prefill(model, ids, mask, torch.arange(width, device=device))
+    input_pos = torch.tensor([width], device=device)
+    vocab = logits.shape[-1]
+
+    running_scores = torch.full((batch, num_beams), NEG_INF, device=device)
+    running_scores[:, 0] = 0.0  # the beams start as copies of one prompt: only the first may expand at step 0
+    running = torch.full((batch, num_beams, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = running.clone()
+    finished_scores = torch.full((batch, num_beams), NEG_INF, device=device)
+    is_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, dtype=torch.bool, device=device)
+    top_beams = torch.arange(keep, device=device) < num_beams
+    row_offset = torch.arange(batch, device=device)[:, None] * num_beams
+
+    for t in range(max_new_tokens):
+        log_probs = F.log_softmax(logits, dim=-1).view(batch, num_beams, vocab) + running_scores[:, :, None]
+        cand_scores, cand_index = torch.topk(log_probs.view(batch, -1), keep)
+        cand_beam, cand_token = cand_index // vocab, cand_index % vocab
+        cand = _take(running, cand_beam)
+        cand[:, :, t] = cand_token
+        if t + 1 == max_new_tokens:
+            hits = torch.ones_like(cand_token, dtype=torch.bool)
+        elif eos_id is None:
+            hits = torch.zeros_like(cand_token, dtype=torch.bool)
+        else:
+            hits = cand_token == eos_id
+
+        live_scores = cand_scores + hits.float() * NEG_INF
+        next_beams = torch.topk(live_scores, num_beams)[1]
+        running, running_scores = _take(cand, next_beams), _take(live_scores, next_beams)
+        source_rows = (_take(cand_beam, next_beams) + row_offset).view(-1)
+
+        just_finished = hits & top_beams
+        norm = cand_scores / ((t + 1) ** length_penalty)
+        norm = norm + (~improvable[:, None]).float() * NEG_INF + (~just_finished).float() * NEG_INF
+        best = torch.topk(torch.cat((finished_scores, norm), dim=1), num_beams)[1]
+        finished = _take(torch.cat((finished, cand), dim=1), best)
+        finished_scores = _take(torch.cat((finished_scores, norm), dim=1), best)
+        is_finished = _take(torch.cat((is_finished, just_finished), dim=1), best)
+
+        best_running = running_scores[:, :1] / ((t + 1) ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEG_INF)
+        improvable &= (best_running > worst_finished).any(dim=1)
+        if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
+            break
+        reorder_cache(model, source_rows)
+        logits = decode_one_token(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
+        input_pos += 1
+    return finished[:, 0]
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1, eos_id: int | None = None,
+             pad_id: int = 0, length_penalty: float = 1.0, temperature: float = 0.0, top_p: float = 1.0,
+             generator: torch.Generator | None = None) -> list[list[int]]:
+    """New token ids for each prompt (lists of token ids, BOS included by the caller), ending with EOS if one came.
+
+    num_beams == 1 decodes greedily, or samples when temperature > 0 (with top-p nucleus filtering and the
+    optional generator, which must live on the model's device). num_beams > 1 is beam search with the
+    semantics of transformers' `generate(do_sample=False, num_beams=N, length_penalty=..., early_stopping=False)`.
+    The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
+    caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
+    """
+    if num_beams < 1 or max_new_tokens < 0:
+        raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
+    if num_beams > 1 and temperature > 0:
+        raise QLoRAError("beam search does not sample: use temperature=0 with num_beams > 1")
+    if any(len(p) == 0 for p in prompts):
+        raise QLoRAError("every prompt needs at least one token (BOS)")
+    if not prompts or max_new_tokens == 0:
+        return [[] for _ in prompts]
+    device = next(model.parameters()).device
+    expanded = [p for p in prompts for _ in range(num_beams)]
+    width = max(len(p) for p in prompts)
+    ids, mask = left_pad(expanded, pad_id, width + max_new_tokens, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model.setup_cache(len(expanded), width + max_new_tokens)
+            if num_beams == 1:
+                tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
+                                       generator)
+            else:
+                tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty)
+    finally:
+        model.clear_cache()
+        model.train(was_training)
+    return cut_at_eos(tokens, eos_id)
+
+
+def build_prompts(tok, instructions: list[str], mode: str = "zero-shot", examples: list[dict] = (),
+                  template: str = DEFAULT_TEMPLATE, max_prompt_len: int | None = None) -> list[list[int]]:
+    """Token ids of the prompt for each instruction: BOS + the encoded prompt text.
+
+    mode "zero-shot" and "lora" fill the template with the instruction (a LoRA model is trained on that
+    prompt); "few-shot" puts `examples` (records with instruction and output) before it as earlier turns.
+    A prompt longer than max_prompt_len tokens is cut to BOS + its last max_prompt_len - 1 tokens, so the
+    instruction and "ASSISTANT:" survive and the system text and the first examples go; each cut is logged.
+    """
+    if mode not in PROMPT_MODES:
+        raise QLoRAError(f"prompt mode {mode!r} is not one of {', '.join(PROMPT_MODES)}")
+    if mode == "few-shot" and not examples:
+        raise QLoRAError("few-shot prompts need examples (records with instruction and output)")
+    if max_prompt_len is not None and max_prompt_len < 2:
+        raise QLoRAError(f"no room for a prompt: at most {max_prompt_len} prompt tokens")
+    prompts, cut = [], 0
+    for instruction in instructions:
+        text = few_shot_prompt(instruction, examples, template) if mode == "few-shot" else \
+            format_prompt(instruction, template)
+        ids = tok.encode(text)
+        if max_prompt_len is not None and len(ids) + 1 > max_prompt_len:
+            ids, cut = ids[len(ids) + 1 - max_prompt_len:], cut + 1
+        prompts.append([tok.bos_id] + ids)
+    if cut:
+        log(f"{cut} of {len(prompts)} prompts were longer than {max_prompt_len} tokens; kept their last tokens")
+    return prompts
+
+
+def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
+                   num_beams: int = 1, progress: bool = True, **sampling) -> list[str]:
+    """Decoded outputs of prompts (token ids) in their order, generated in batches of similar prompt lengths.
+
+    sampling: temperature, top_p and generator, passed on to `generate`. Pads with the tokenizer's pad id, or
+    its EOS id, or 0. The decoded text has special tokens removed and surrounding whitespace stripped.
+    """
+    if batch_size < 1:
+        raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
+    pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors show early
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    texts = [""] * len(prompts)
+    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+        new = generate(model, [prompts[i] for i in batch], max_new_tokens, num_beams=num_beams,
+                       eos_id=tok.eos_id, pad_id=pad_id, **sampling)
+        for i, tokens in zip(batch, new):
+            texts[i] = tok.decode(tokens).strip()
+    return texts

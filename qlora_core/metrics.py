@@ -1,0 +1,64 @@
+"""The ADL 2023 HW3 perplexity (the course's ppl.py), batched."""
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .prompts import DEFAULT_TEMPLATE, format_prompt
+from .util import QLoRAError
+
+
+def perplexity_example(tok, record: dict, template: str = DEFAULT_TEMPLATE,
+                       max_len: int = 2048) -> tuple[list[int], int]:
+    """(ids, prompt_len) of one record as ppl.py builds it: BOS + prompt + output + EOS, cut to max_len tokens.
+
+    The loss counts the tokens from index prompt_len on (the output and EOS, as far as they survive the cut).
+    """
+    prompt = [tok.bos_id] + tok.encode(format_prompt(record["instruction"], template))
+    ids = prompt + tok.encode(record["output"]) + [tok.eos_id]
+    return ids[:max_len], len(prompt)
+
+
+def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLATE, batch_size: int = 8,
+                 max_len: int = 2048, progress: bool = True) -> list[float]:
+    """Per-record perplexity exp(mean NLL of the output tokens and EOS given everything before), in record order.
+
+    This is the course's ppl.py: the score of a test set is the mean of these values. A record whose
+    output is cut off entirely by max_len has no counted token and gets NaN, as in ppl.py. Records are
+    batched by length (longest first) with right padding; the log-softmax runs in float32.
+    """
+    if batch_size < 1:
+        raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
+    examples = [perplexity_example(tok, r, template, max_len) for r in records]
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    device = next(model.parameters()).device
+    values = [float("nan")] * len(examples)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+                for i, value in zip(batch, batch_perplexity(model, [examples[i] for i in batch], device)):
+                    values[i] = value
+    finally:
+        model.train(was_training)
+    return values
+
+
+def batch_perplexity(model, examples: list[tuple[list[int], int]], device) -> list[float]:
+    """Perplexities of (ids, prompt_len) examples run as one right-padded batch."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.zeros((len(examples), width), dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    counted = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, (tokens, prompt_len) in enumerate(examples):
+        ids[row, :len(tokens)] = torch.tensor(tokens)
+        mask[row, :len(tokens)] = 1
+        counted[row, prompt_len:len(tokens)] = True
+    ids, mask, counted = ids.to(device), mask.to(device), counted.to(device)
+    logits = model(ids, attention_mask=mask)[:, :-1]
+    targets = counted[:, 1:]  # logits at position j predict token j + 1
+    nll = F.cross_entropy(logits[targets].float(), ids[:, 1:][targets], reduction="none").double()
+    rows = targets.nonzero()[:, 0]
+    total = torch.zeros(len(examples), dtype=torch.float64, device=device).index_add_(0, rows, nll)
+    return torch.exp(total / targets.sum(1)).tolist()

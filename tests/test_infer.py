@@ -1,0 +1,145 @@
+"""infer.py end to end on a tiny checkpoint with a SentencePiece tokenizer trained on the HW3 training text."""
+import importlib.util
+import io
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+
+from conftest import need_shared, write_checkpoint
+from qlora_core import QLoRAError, load_model
+from qlora_core.generate import build_prompts, generate_texts
+from qlora_core.lora import add_lora, load_adapter, save_adapter
+from qlora_core.metrics import perplexities
+from qlora_core.prompts import DEFAULT_TEMPLATE
+from qlora_core.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint dir, adapter dir, test file, train file): a random model whose tokenizer knows the HW3 text."""
+    train = json.loads(need_shared("data/adl-hw3/train.json").read_text(encoding="utf-8"))
+    tmp = tmp_path_factory.mktemp("infer")
+    lines = [r[f] for r in train[:300] for f in ("instruction", "output")] + [DEFAULT_TEMPLATE] * 10
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, model_type="bpe", vocab_size=2000, byte_fallback=True,
+        character_coverage=0.98, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    ckpt = tmp / "model"
+    write_checkpoint(ckpt, vocab_size=2000, num_key_value_heads=2, max_position_embeddings=256)
+    (ckpt / "tokenizer.model").write_bytes(model.getvalue())
+    lora = add_lora(load_model(ckpt, compute_dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    save_adapter(lora, tmp / "adapter")
+    test_file = tmp / "test.json"
+    test_file.write_text(json.dumps(train[-7:], ensure_ascii=False), encoding="utf-8")
+    (tmp / "train.json").write_text(json.dumps(train[:50], ensure_ascii=False), encoding="utf-8")
+    return ckpt, tmp / "adapter", test_file, tmp / "train.json"
+
+
+def infer(*args):
+    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def test_greedy_with_adapter_writes_what_generate_texts_gives(setup, tmp_path):
+    ckpt, adapter, test_file, _ = setup
+    out = tmp_path / "sub" / "pred.json"
+    run = infer("--model", ckpt, "--adapter", adapter, "--test-file", test_file, "--output", out,
+                "--max-new-tokens", MAX_NEW, "--batch-size", 3, "--quantize", "none", "--dtype", "float32")
+    assert run.returncode == 0, run.stderr
+    records = json.loads(test_file.read_text(encoding="utf-8"))
+    predictions = json.loads(out.read_text(encoding="utf-8"))
+    assert [p["id"] for p in predictions] == [r["id"] for r in records]
+    tok = load_tokenizer(ckpt)
+    model = load_adapter(load_model(ckpt, compute_dtype=torch.float32, device="cpu"), adapter)
+    prompts = build_prompts(tok, [r["instruction"] for r in records], "lora")
+    assert [p["output"] for p in predictions] == generate_texts(model, tok, prompts, MAX_NEW, batch_size=3,
+                                                                progress=False)
+
+
+def test_few_shot_beam_search_cuts_long_prompts(setup, tmp_path):
+    ckpt, _, test_file, train_file = setup
+    out = tmp_path / "pred.json"
+    run = infer("--model", ckpt, "--test-file", test_file, "--output", out, "--prompt", "few-shot",
+                "--few-shot-file", train_file, "--decoder", "beam", "--num-beams", 3, "--max-new-tokens", MAX_NEW)
+    assert run.returncode == 0, run.stderr
+    assert "kept their last tokens" in run.stderr
+    predictions = json.loads(out.read_text(encoding="utf-8"))
+    assert len(predictions) == 7 and all(set(p) == {"id", "output"} and isinstance(p["output"], str)
+                                         for p in predictions)
+
+
+def test_perplexity_prints_the_mean_last(setup, tmp_path):
+    ckpt, _, test_file, _ = setup
+    out = tmp_path / "ppl.json"
+    run = infer("--model", ckpt, "--test-file", test_file, "--output", out, "--perplexity", "--quantize", "none",
+                "--dtype", "float32")
+    assert run.returncode == 0, run.stderr
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith("mean_perplexity: ")
+    records = json.loads(test_file.read_text(encoding="utf-8"))
+    expected = perplexities(load_model(ckpt, compute_dtype=torch.float32, device="cpu"), load_tokenizer(ckpt), records,
+                            progress=False)
+    written = json.loads(out.read_text())
+    assert written["perplexities"] == pytest.approx(expected, rel=1e-6)
+    assert float(last.split(": ")[1]) == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    assert math.isfinite(written["mean_perplexity"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (["a", "b"], "record 0: expected an object, got str"),
+    ([{"id": "a", "instruction": "x"}, {"id": "b", "output": "y"}], 'record 1: field "instruction" is missing'),
+])
+def test_bad_test_file_is_one_line_and_exit_2(setup, tmp_path, content, message):
+    ckpt, _, _, _ = setup
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(content))
+    run = infer("--model", ckpt, "--test-file", bad, "--output", tmp_path / "pred.json")
+    assert run.returncode == 2
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0] and message in errors[0]
+    assert not (tmp_path / "pred.json").exists()
+
+
+@pytest.fixture(scope="module")
+def infer_module():
+    spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_explains_every_flag(infer_module, capsys):
+    with pytest.raises(SystemExit):
+        infer_module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--adapter", "--test-file", "--output", "--prompt", "--few-shot-file", "--num-shots",
+                 "--decoder", "--num-beams", "--max-new-tokens", "--batch-size", "--quantize", "--perplexity"):
+        assert flag in text
+    assert "last tokens" in text
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", "lora"], "needs --adapter"),
+    (["--prompt", "few-shot"], "needs --few-shot-file"),
+    (["--max-new-tokens", "0"], "at least 1"),
+    (["--max-new-tokens", "255"], "no room for a prompt"),
+])
+def test_flag_errors(infer_module, setup, tmp_path, extra, message):
+    ckpt, _, test_file, _ = setup
+    with pytest.raises(QLoRAError, match=message):
+        infer_module.main(["--model", str(ckpt), "--test-file", str(test_file), "--output", str(tmp_path / "p.json"),
+                           "--quantize", "none", *extra])
