@@ -18,8 +18,11 @@ NEG_INF = -1.0e9
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Run the prompts [rows, width] into the cache; float32 logits [rows, vocab] of their last position."""
-    return model(ids, attention_mask=mask, input_pos=input_pos)[:, -1].float()
+    """Run the prompts [rows, width] into the cache; float32 logits [rows, vocab] of their last position.
+
+    lm_head runs on the last position only: logits of the whole prompt would cost rows x width x vocab.
+    """
+    return model.lm_head(model.model(ids, attention_mask=mask, input_pos=input_pos)[:, -1]).float()
 
 
 def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
