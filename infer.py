@@ -12,6 +12,7 @@ import torch
 from qlora_core.checkpoint import load_model, resolve_model_dir
 from qlora_core.data import load_records
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
+from qlora_core.lora import load_adapter
 from qlora_core.metrics import perplexities
 from qlora_core.prompts import select_few_shot
 from qlora_core.tokenizer import load_tokenizer
@@ -79,7 +80,6 @@ def main(argv=None):
     model = load_model(model_dir, quantize=None if args.quantize == "none" else args.quantize,
                        compute_dtype=DTYPES[args.dtype])
     if args.adapter:
-        from qlora_core.lora import load_adapter
         load_adapter(model, args.adapter)
 
     if args.perplexity:

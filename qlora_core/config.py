@@ -33,7 +33,7 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     model_type: str = "llama"
-    extra: dict = field(default_factory=dict, repr=False)
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
     """Keys of config.json that the model does not use, kept so an exported checkpoint keeps them."""
 
     def __post_init__(self):

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .prompts import DEFAULT_TEMPLATE, format_prompt
+from .data import IGNORE_INDEX, encode_example
+from .prompts import DEFAULT_TEMPLATE
 from .util import QLoRAError
 
 
@@ -13,9 +14,8 @@ def perplexity_example(tok, record: dict, template: str = DEFAULT_TEMPLATE,
 
     The loss counts the tokens from index prompt_len on (the output and EOS, as far as they survive the cut).
     """
-    prompt = [tok.bos_id] + tok.encode(format_prompt(record["instruction"], template))
-    ids = prompt + tok.encode(record["output"]) + [tok.eos_id]
-    return ids[:max_len], len(prompt)
+    ids, labels = encode_example(tok, record, template, max_len, max_len)
+    return ids[:max_len], labels.count(IGNORE_INDEX)
 
 
 def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLATE, batch_size: int = 8,
@@ -56,9 +56,9 @@ def batch_perplexity(model, examples: list[tuple[list[int], int]], device) -> li
         mask[row, :len(tokens)] = 1
         counted[row, prompt_len:len(tokens)] = True
     ids, mask, counted = ids.to(device), mask.to(device), counted.to(device)
-    logits = model(ids, attention_mask=mask)[:, :-1]
-    targets = counted[:, 1:]  # logits at position j predict token j + 1
-    nll = F.cross_entropy(logits[targets].float(), ids[:, 1:][targets], reduction="none").double()
+    hidden = model.model(ids, attention_mask=mask)[:, :-1]
+    targets = counted[:, 1:]  # position j predicts token j + 1; lm_head runs on the counted positions only
+    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), ids[:, 1:][targets], reduction="none").double()
     rows = targets.nonzero()[:, 0]
     total = torch.zeros(len(examples), dtype=torch.float64, device=device).index_add_(0, rows, nll)
     return torch.exp(total / targets.sum(1)).tolist()

@@ -60,6 +60,21 @@ def test_accumulation_equals_one_big_batch(tmp_path):
         assert (accumulated[name] - g).norm() <= 1e-5 * g.norm(), name
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    model = lora_model(tmp_path)
+    batch = collate(random_examples(4), 0)
+    loss_sum(model, batch).backward()
+    plain = lora_grads(model)
+    model.zero_grad()
+    model.model.gradient_checkpointing = True
+    calls = []
+    model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+    loss_sum(model, batch).backward()
+    assert len(calls) == 2, "the layer was not recomputed in the backward pass"
+    for name, g in lora_grads(model).items():
+        assert (plain[name] - g).norm() <= 1e-6 * g.norm(), name
+
+
 def test_loss_ignores_prompt_positions_and_counts_outputs(tmp_path):
     model = lora_model(tmp_path)
     batch = collate(random_examples(4), 0)
