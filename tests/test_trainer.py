@@ -68,7 +68,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     model.zero_grad()
     model.model.gradient_checkpointing = True
     calls = []
-    model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+    model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
     loss_sum(model, batch).backward()
     assert len(calls) == 2, "the layer was not recomputed in the backward pass"
     for name, g in lora_grads(model).items():
