@@ -49,6 +49,7 @@ def parse_args(argv=None):
                    help="store the base's projections in 4-bit NF4 (default) or keep them dense")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
                    help="compute dtype of the model (default bfloat16)")
+    p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     p.add_argument("--perplexity", action="store_true",
                    help="score the test file's outputs with the course's perplexity (zero-shot template, 2048 "
                         "tokens) instead of generating; prints 'mean_perplexity: X' last")
@@ -78,7 +79,7 @@ def main(argv=None):
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, quantize=None if args.quantize == "none" else args.quantize,
-                       compute_dtype=DTYPES[args.dtype])
+                       compute_dtype=DTYPES[args.dtype], device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter)
 

@@ -49,8 +49,8 @@ def setup(tmp_path_factory):
 
 
 def infer(*args):
-    return subprocess.run([sys.executable, str(ROOT / "infer.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
+    command = [sys.executable, str(ROOT / "infer.py"), "--device", "cpu", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
 
 
 def test_greedy_with_adapter_writes_what_generate_texts_gives(setup, tmp_path):

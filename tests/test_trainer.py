@@ -127,7 +127,8 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
 
 def run_train(out, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
-           "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--train-file", str(DEFAULT_TRAIN),
+           "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
+           "--train-file", str(DEFAULT_TRAIN),
            *extra]
     env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache")}
     if not wait:
