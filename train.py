@@ -3,7 +3,7 @@
 With no arguments it runs the built-in demo job on the CPU in a few minutes: a tiny random-weight LLaMA with a
 shipped Chinese tokenizer, trained on a shipped Classical/Modern Chinese sample (NiuTrans, MIT).
 The seed's job (Taiwan-LLaMA-v2-chat on ADL HW3):
-    python train.py --model yentinglin/Taiwan-LLaMA-v2-chat --train-file train.json --eval-file public_test.json \\
+    python train.py --model yentinglin/Taiwan-LLM-7B-v2.0-chat --train-file train.json --eval-file public_test.json \\
         --output-dir runs/taiwan-llama
 """
 import argparse
@@ -36,15 +36,19 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=t.output_dir, help="where checkpoints, metrics.jsonl, the learning curve "
                    "and the final adapter go (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=t.max_steps, help="optimizer steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=t.batch_size, help="examples per micro-batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size,
+                   help="examples per micro-batch (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=t.grad_accum,
-                   help="micro-batches per optimizer step; the effective batch is batch-size x grad-accum (default: %(default)s)")
+                   help="micro-batches per optimizer step; the effective batch is batch-size x grad-accum "
+                   "(default: %(default)s)")
     p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
                    help="fraction of steps of linear warmup, then linear decay to 0 (default: %(default)s)")
-    p.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm, help="gradient-norm clipping (default: %(default)s)")
+    p.add_argument("--max-grad-norm", type=float, default=t.max_grad_norm,
+                   help="gradient-norm clipping (default: %(default)s)")
     p.add_argument("--lora-r", type=int, default=4, help="LoRA rank (default: %(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=16, help="LoRA alpha; the update is scaled by alpha / r (default: %(default)s)")
+    p.add_argument("--lora-alpha", type=float, default=16,
+                   help="LoRA alpha; the update is scaled by alpha / r (default: %(default)s)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default: %(default)s)")
     p.add_argument("--lora-targets", default="all-linear",
                    help="comma-separated projections to adapt, or all-linear for all seven (default: %(default)s)")
@@ -56,11 +60,13 @@ def parse_args(argv=None):
                    help="tokens kept of output + EOS (default: %(default)s)")
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="prompt template with {instruction} (default: the Taiwan-LLaMA chat prompt)")
-    p.add_argument("--eval-every", type=int, default=t.eval_every, help="steps between evaluations (default: %(default)s)")
+    p.add_argument("--eval-every", type=int, default=t.eval_every,
+                   help="steps between evaluations, 0 for only at the start and the end (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=t.save_every,
                    help="steps between checkpoints in OUTPUT_DIR/checkpoint-STEP (default: %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    p.add_argument("--seed", type=int, default=t.seed, help="seed of LoRA init, dropout and data order (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=t.seed,
+                   help="seed of LoRA init, dropout and data order (default: %(default)s)")
     p.add_argument("--optim", default=t.optim, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
     p.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
                    help="store the base's projections in 4-bit NF4 with double quantization (default: %(default)s)")
@@ -80,7 +86,7 @@ def main(argv=None):
     train_file = args.train_file or DEFAULT_TRAIN
     eval_file = args.eval_file or (DEFAULT_EVAL if defaults else None)
     data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
-                          max_target_len=args.max_target_len, max_len=args.max_len, seed=args.seed)
+                          max_target_len=args.max_target_len, max_len=args.max_len)
     cfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,

@@ -10,12 +10,12 @@ flat logits, so rounding differences flip ties early: a small number there is ex
     python benchmarks/bench_generate.py --preset llama-2-7b --layers 32 --out generate.json             # on a GPU
     python benchmarks/bench_generate.py --preset tiny --device cpu --new-tokens 8 --iters 1              # smoke
 """
-import argparse
+from pathlib import Path
 
 import torch
 
-from common import (PROJECTIONS, add_ratios, allocated_gib, cuda_timer, free_memory, log, measure, model_config,
-                    peak_gib, print_table, reset_peak, write_json, write_random_checkpoint)
+from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
+                    peak_gib, print_table, reset_peak, setup, write_json)
 
 IMPLS = ("ours", "hf")
 
@@ -89,31 +89,15 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama-2-7b", help="tiny, or a name in qlora_core.config.PRESETS")
-    ap.add_argument("--config-json", help="a config.json to use instead of a preset")
-    ap.add_argument("--layers", type=int, help="cut the model to this many decoder layers")
-    ap.add_argument("--workdir", default="/tmp/qlora_bench", help="where the random checkpoint is written")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, among {', '.join(IMPLS)}")
+    ap = base_parser(__doc__, IMPLS)
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size (the first checks shapes)")
     ap.add_argument("--iters", type=int, default=3, help="timed runs per batch size (the median is reported)")
-    ap.add_argument("--r", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--dropout", type=float, default=0.05)
-    ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/bench_generate.json)")
     args = ap.parse_args()
 
-    impls = [i for i in args.impls.split(",") if i]
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(IMPLS)})")
-    cfg = model_config(args.preset, args.config_json, args.layers)
-    name = f"{args.preset if not args.config_json else 'config'}-{cfg.num_hidden_layers}l"
-    model_dir = write_random_checkpoint(cfg, f"{args.workdir}/{name}")
+    impls, cfg, model_dir = setup(args, IMPLS)
     gen = torch.Generator().manual_seed(0)
     prompts = {}
     for b in (int(x) for x in args.batch_sizes.split(",")):
@@ -139,7 +123,7 @@ def main():
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("batch",))
     print_table(rows, ["impl", "batch", "new_tokens_per_s", "ms_per_token", "peak_alloc_gib", "peak_reserved_gib",
                        "weights_gib", "load_s", "match_prefix", "ours/new_tokens_per_s", "ours/peak_alloc_gib"])
-    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers)
+    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers)
     write_json(args.out or f"{args.workdir}/bench_generate.json", rows, args.device, benchmark="generate",
                settings=settings, config=cfg.to_dict())
     if any("error" in r for r in rows):

@@ -11,13 +11,13 @@ the float32 cast and autocast: every non-4-bit weight stays bf16). `ours/<key>` 
     python benchmarks/bench_train.py --preset llama-2-7b --layers 32 --out train.json        # on a GPU
     python benchmarks/bench_train.py --preset tiny --device cpu --steps 1 --grad-accum 2 --seq-len 64   # smoke
 """
-import argparse
 import contextlib
+from pathlib import Path
 
 import torch
 
-from common import (PROJECTIONS, add_ratios, allocated_gib, cuda_timer, free_memory, log, measure, model_config,
-                    peak_gib, print_table, reset_peak, write_json, write_random_checkpoint)
+from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
+                    peak_gib, print_table, reset_peak, setup, write_json)
 
 from qlora_core.data import IGNORE_INDEX, collate  # after common, which puts the repo on sys.path
 
@@ -134,34 +134,18 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama-2-7b", help="tiny, or a name in qlora_core.config.PRESETS")
-    ap.add_argument("--config-json", help="a config.json to use instead of a preset")
-    ap.add_argument("--layers", type=int, help="cut the model to this many decoder layers")
-    ap.add_argument("--workdir", default="/tmp/qlora_bench", help="where the random checkpoint is written")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated, among {', '.join(IMPLS)}")
+    ap = base_parser(__doc__, IMPLS)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--prompt-len", type=int, default=64, help="leading tokens of each example left unlabelled")
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
-    ap.add_argument("--r", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=16)
-    ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--no-hf-autocast", dest="hf_autocast", action="store_false",
                     help="run the hf row without bf16 autocast")
-    ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/bench_train.json)")
     args = ap.parse_args()
 
-    impls = [i for i in args.impls.split(",") if i]
-    unknown = set(impls) - set(IMPLS)
-    if unknown:
-        raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(IMPLS)})")
-    cfg = model_config(args.preset, args.config_json, args.layers)
-    name = f"{args.preset if not args.config_json else 'config'}-{cfg.num_hidden_layers}l"
-    model_dir = write_random_checkpoint(cfg, f"{args.workdir}/{name}")
+    impls, cfg, model_dir = setup(args, IMPLS)
     batches = make_batches((args.warmup_steps + args.steps) * args.grad_accum, args.batch_size, args.seq_len,
                            args.prompt_len, cfg.vocab_size)
     torch.manual_seed(0)
@@ -177,7 +161,7 @@ def main():
     add_ratios(rows, ["tokens_per_s", "peak_alloc_gib", "load_s"])
     print_table(rows, ["impl", "tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "weights_gib",
                        "load_s", "first_loss", "ours/tokens_per_s", "ours/peak_alloc_gib", "ours/load_s"])
-    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers,
+    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers,
                     tokens_per_step=args.batch_size * args.seq_len * args.grad_accum)
     write_json(args.out or f"{args.workdir}/bench_train.json", rows, args.device, benchmark="train",
                settings=settings, config=cfg.to_dict())

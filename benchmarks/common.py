@@ -3,6 +3,7 @@
 The benchmarks compare qlora_core with transformers + peft + bitsandbytes in one process on one card. No machine
 here reaches the hub, so the weights are random at a real model's shape; speed and memory do not depend on them.
 """
+import argparse
 import dataclasses
 import gc
 import json
@@ -46,6 +47,33 @@ def model_config(preset: str = "llama-2-7b", config_json: str | None = None, num
     else:
         raise SystemExit(f"unknown preset {preset!r} (tiny, {', '.join(PRESETS)})")
     return dataclasses.replace(cfg, num_hidden_layers=num_layers or cfg.num_hidden_layers)
+
+
+def base_parser(description: str, impls: tuple) -> argparse.ArgumentParser:
+    """The flags every benchmark takes: model shape, device, implementations, LoRA settings, output."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama-2-7b", help="tiny, or a name in qlora_core.config.PRESETS")
+    ap.add_argument("--config-json", help="a config.json to use instead of a preset")
+    ap.add_argument("--layers", type=int, help="cut the model to this many decoder layers")
+    ap.add_argument("--workdir", default="/tmp/qlora_bench", help="where the random checkpoint is written")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--impls", default=",".join(impls), help=f"comma-separated, among {', '.join(impls)}")
+    ap.add_argument("--r", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/<script name>.json)")
+    return ap
+
+
+def setup(args, impls: tuple):
+    """(implementations asked for, model config, random checkpoint directory) from parsed base_parser flags."""
+    chosen = [i for i in args.impls.split(",") if i]
+    unknown = set(chosen) - set(impls)
+    if unknown:
+        raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(impls)})")
+    cfg = model_config(args.preset, args.config_json, args.layers)
+    name = f"{args.preset if not args.config_json else 'config'}-{cfg.num_hidden_layers}l"
+    return chosen, cfg, write_random_checkpoint(cfg, f"{args.workdir}/{name}")
 
 
 def write_random_checkpoint(cfg: str | ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

@@ -1,9 +1,8 @@
 """Model configuration: a dataclass read from a Hugging Face `config.json`, and presets of real shapes."""
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .util import QLoRAError
+from .util import QLoRAError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -63,12 +62,7 @@ class ModelConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        if not path.is_file():
-            raise QLoRAError(f"{path}: no such file (a model directory needs a config.json)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise QLoRAError(f"{path}: not valid JSON ({e})") from None
+        d = read_json_object(path, missing="a model directory needs a config.json")
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise QLoRAError(f"{path}: model_type {model_type!r} is not supported "

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from qlora_core.prompts import DEFAULT_TEMPLATE, format_prompt
-from qlora_core.util import QLoRAError
+from .prompts import DEFAULT_TEMPLATE, format_prompt
+from .util import QLoRAError
 
 IGNORE_INDEX = -100
 DEFAULT_TRAIN = Path(__file__).parent / "default_data" / "train.jsonl"
@@ -24,9 +24,6 @@ class DataConfig:
     """Tokens kept of output + EOS (qlora.py's target_max_len)."""
     max_len: int = 2048
     """Tokens kept of a whole example, prompt and output together (the ADL perplexity's cut)."""
-    group_by_length: bool = True
-    """Batch examples of similar length together, as the seed's Trainer did."""
-    seed: int = 42
 
 
 def _parse(path: Path) -> list:

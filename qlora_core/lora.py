@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .quant import PROJECTIONS, dense_weight, is_4bit, storage_bytes
-from .util import QLoRAError, log
+from .util import QLoRAError, log, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 """What peft puts before our module names in an adapter's keys (PeftModel.base_model.model is our model)."""
@@ -173,14 +173,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path) -> None:
 def read_adapter_config(adapter_dir: Path) -> tuple[LoRAConfig, dict]:
     """(our LoRAConfig, the raw dict) of a peft LoRA adapter, rejecting variants that would load silently wrong."""
     path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise QLoRAError(f"{path}: no such file (an adapter directory needs an adapter_config.json)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise QLoRAError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise QLoRAError(f"{path}: expected a JSON object")
+    d = read_json_object(path, missing="an adapter directory needs an adapter_config.json")
     if d.get("peft_type") != "LORA":
         raise QLoRAError(f"{path}: peft_type {d.get('peft_type')!r} is not supported (only LORA)")
     for key in ("r", "lora_alpha", "target_modules"):

@@ -1,7 +1,7 @@
 """Prompt templates of the ADL 2023 HW3 seed, and few-shot prompts built from training records."""
 import random
 
-from qlora_core.util import QLoRAError
+from .util import QLoRAError
 
 DEFAULT_TEMPLATE = (
     "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"

@@ -4,13 +4,12 @@ Both backends offer `encode(text) -> list[int]` (no BOS or EOS added), `decode(i
 library's own special tokens skipped), and the attributes `bos_id`, `eos_id`, `pad_id` and `vocab_size`. `pad_id` is
 None when the tokenizer has no pad token; callers then pad with `eos_id`, or 0 when that is None too.
 """
-import json
 from pathlib import Path
 
 import sentencepiece
 import tokenizers
 
-from .util import QLoRAError
+from .util import QLoRAError, read_json_object
 
 # Llama-2 repositories ship both files; their SentencePiece model is the reference, so it comes first.
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
@@ -81,8 +80,9 @@ def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | JsonTokenizer:
 def _special_ids(directory: Path, token_to_id, own: list[int | None]) -> list[int | None]:
     """The [bos, eos, pad] ids: the token names in tokenizer_config.json (or special_tokens_map.json) first,
     then config.json's ids, then the tokenizer's `own` ids."""
-    names = {**_read_json(directory / "special_tokens_map.json"), **_read_json(directory / "tokenizer_config.json")}
-    config = _read_json(directory / "config.json")
+    names = {**read_json_object(directory / "special_tokens_map.json"),
+             **read_json_object(directory / "tokenizer_config.json")}
+    config = read_json_object(directory / "config.json")
     ids = []
     for kind, fallback in zip(("bos", "eos", "pad"), own):
         token = names.get(f"{kind}_token")
@@ -95,12 +95,3 @@ def _special_ids(directory: Path, token_to_id, own: list[int | None]) -> list[in
         ids.append(fallback if token_id is None else token_id)
     return ids
 
-
-def _read_json(path: Path) -> dict:
-    """The object in a JSON file, or {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise QLoRAError(f"{path} is not valid JSON: {e}") from e

@@ -39,18 +39,20 @@ class TrainConfig:
     weight_decay: float = 0.0
     optim: str = "paged_adamw_32bit"
     eval_every: int = 50
-    """Optimizer steps between evaluations (0: only at the end)."""
+    """Optimizer steps between evaluations (0: only at the start and the end)."""
     save_every: int = 50
     """Optimizer steps between checkpoints (0: only at the end)."""
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
+    """Batch examples of similar length together, as the seed's Trainer (group_by_length) did."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
-RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim", "group_by_length")
+RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim",
+                 "group_by_length")
 
 
 class BatchStream:

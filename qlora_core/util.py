@@ -1,5 +1,7 @@
 """Small helpers shared by every module: the one logging function and the user-facing error type."""
+import json
 import sys
+from pathlib import Path
 
 
 class QLoRAError(Exception):
@@ -7,6 +9,22 @@ class QLoRAError(Exception):
 
     The command-line scripts print such errors as one line and exit non-zero, without a traceback.
     """
+
+
+def read_json_object(path: Path, missing: str | None = None) -> dict:
+    """The JSON object in a file, with errors that name it. A missing file gives {} when `missing` is None,
+    else a QLoRAError that adds `missing` (what the file is needed for)."""
+    if not path.is_file():
+        if missing is None:
+            return {}
+        raise QLoRAError(f"{path}: no such file ({missing})")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QLoRAError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise QLoRAError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def log(msg: str) -> None:

@@ -23,7 +23,8 @@ def test_presets_have_the_released_parameter_counts(name):
 def test_reads_what_transformers_writes(tmp_path):
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}
-    tiny_config(num_key_value_heads=2, rope_theta=5e5, rope_scaling=rope, tie_word_embeddings=True).save_pretrained(tmp_path)
+    hf = tiny_config(num_key_value_heads=2, rope_theta=5e5, rope_scaling=rope, tie_word_embeddings=True)
+    hf.save_pretrained(tmp_path)
     cfg = ModelConfig.from_json(tmp_path / "config.json")
     assert (cfg.num_key_value_heads, cfg.rope_theta, cfg.tie_word_embeddings, cfg.head_dim) == (2, 5e5, True, 16)
     assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0

@@ -68,8 +68,8 @@ def test_train_resume_and_infer_on_cuda(tmp_path):
     model_dir = tmp_path / "cache" / "qlora_core" / "builtin-tiny-zh"
     test_file = ROOT / "qlora_core" / "default_data" / "eval.jsonl"
     for extra in (["--decoder", "greedy"], ["--decoder", "beam", "--num-beams", "3"], ["--perplexity"]):
-        result = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(model_dir), "--adapter", str(out),
-                                 "--test-file", str(test_file), "--output", str(tmp_path / "pred.json"),
-                                 "--max-new-tokens", "16", *extra], env=env, capture_output=True, text=True)
+        command = [sys.executable, str(ROOT / "infer.py"), "--model", str(model_dir), "--adapter", str(out),
+                   "--test-file", str(test_file), "--output", str(tmp_path / "pred.json"), "--max-new-tokens", "16"]
+        result = subprocess.run(command + extra, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("mean_perplexity: ")
