@@ -17,12 +17,13 @@ import torch
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
                     peak_gib, print_table, reset_peak, setup, write_json)
 
-IMPLS = ("ours", "hf")
+IMPLS = ("ours", "ours-eager", "hf")
+"""ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
 
 
 def load(impl: str, model_dir, device, args):
     """The NF4 base with an unmerged LoRA adapter, in eval mode, and a function prompts [batch, len] -> new tokens."""
-    if impl == "ours":
+    if impl.startswith("ours"):
         from qlora_core.checkpoint import load_model
         from qlora_core.generate import generate
         from qlora_core.lora import add_lora
@@ -32,7 +33,8 @@ def load(impl: str, model_dir, device, args):
         model.eval()
 
         def run(prompts: torch.Tensor) -> torch.Tensor:
-            out = generate(model, prompts.tolist(), max_new_tokens=args.new_tokens, eos_id=None, pad_id=0)
+            out = generate(model, prompts.tolist(), max_new_tokens=args.new_tokens, eos_id=None, pad_id=0,
+                           cuda_graph=impl == "ours" and str(device).startswith("cuda"))
             return torch.tensor(out)
         return model, run
 
@@ -115,14 +117,15 @@ def main():
             log(f"{impl}: failed: {type(e).__name__}: {e}")
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
         free_memory(args.device)  # outside the except: its traceback no longer holds the failed model
-    if len(outputs) == 2:
-        a, b = outputs.values()
-        for r in rows:
-            if "batch" in r:
-                r["match_prefix"] = common_prefix(a[r["batch"]], b[r["batch"]])
+    for r in rows:  # leading new tokens that agree with HF's, and whether the CUDA graph changed any token
+        if "batch" in r and "hf" in outputs:
+            r["match_prefix"] = common_prefix(outputs[r["impl"]][r["batch"]], outputs["hf"][r["batch"]])
+        if r.get("impl") == "ours" and "batch" in r and "ours-eager" in outputs:
+            r["equals_eager"] = bool(torch.equal(outputs["ours"][r["batch"]], outputs["ours-eager"][r["batch"]]))
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("batch",))
     print_table(rows, ["impl", "batch", "new_tokens_per_s", "ms_per_token", "peak_alloc_gib", "peak_reserved_gib",
-                       "weights_gib", "load_s", "match_prefix", "ours/new_tokens_per_s", "ours/peak_alloc_gib"])
+                       "weights_gib", "load_s", "match_prefix", "equals_eager", "ours/new_tokens_per_s",
+                       "ours/peak_alloc_gib"])
     settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers)
     write_json(args.out or f"{args.workdir}/bench_generate.json", rows, args.device, benchmark="generate",
                settings=settings, config=cfg.to_dict())

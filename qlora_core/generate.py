@@ -33,6 +33,38 @@ def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, mask: 
     return model(token, attention_mask=mask, input_pos=input_pos)[:, -1].float()
 
 
+class GraphedDecodeStep:
+    """decode_one_token captured once in a CUDA graph and replayed for every token.
+
+    A decode step of a 7B model launches thousands of small kernels; replaying the graph launches them as one,
+    so the host no longer sets the pace. Capture runs the step on a cache slot (0) that the prefill overwrites
+    afterwards, so it must be built after setup_cache and before the prefill. Inputs are copied into the
+    graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call.
+    """
+
+    def __init__(self, model, rows: int, cache_len: int, device):
+        self.model = model
+        self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation must not be captured
+            for _ in range(2):
+                decode_one_token(model, self.token, self.input_pos, self.mask)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decode_one_token(model, self.token, self.input_pos, self.mask)
+
+    def __call__(self, model, token, input_pos, mask):
+        self.token.copy_(token)
+        self.input_pos.copy_(input_pos)
+        self.mask.copy_(mask)
+        self.graph.replay()
+        return self.logits
+
+
 def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [rows]: argmax when temperature is 0, else a sample from the top-p nucleus of softmax(logits / T)."""
@@ -73,7 +105,8 @@ def cut_at_eos(tokens: torch.Tensor, eos_id: int | None) -> list[list[int]]:
     return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
-def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator):
+def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
+                  step=decode_one_token):
     """Greedy (or sampled) decoding of a left-padded batch whose cache is set up; tokens [rows, max_new_tokens].
 
     A row that has produced EOS is done: it is fed pad tokens at masked slots from then on.
@@ -91,7 +124,7 @@ def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature,
         if t + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
             break
         mask.index_copy_(1, input_pos, ~done[:, None])
-        logits = decode_one_token(model, token[:, None], input_pos, mask)
+        logits = step(model, token[:, None], input_pos, mask)
         input_pos += 1
     return out
 
@@ -101,7 +134,7 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, index.view(*index.shape, *[1] * (x.dim() - 2)), dim=1)
 
 
-def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty):
+def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty, step=decode_one_token):
     """Beam search over a left-padded batch of batch * num_beams rows (each prompt repeated num_beams times)
     whose cache is set up; tokens [batch, max_new_tokens] of the best finished hypothesis of each prompt.
 
@@ -166,14 +199,14 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
             break
         reorder_cache(model, source_rows)
-        logits = decode_one_token(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
+        logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
     return finished[:, 0]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1, eos_id: int | None = None,
              pad_id: int = 0, length_penalty: float = 1.0, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> list[list[int]]:
     """New token ids for each prompt (lists of token ids, BOS included by the caller), ending with EOS if one came.
 
     num_beams == 1 decodes greedily, or samples when temperature > 0 (with top-p nucleus filtering and the
@@ -181,6 +214,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     semantics of transformers' `generate(do_sample=False, num_beams=N, length_penalty=..., early_stopping=False)`.
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
+    cuda_graph replays each decode step from a CUDA graph (see GraphedDecodeStep); None means on for CUDA models.
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -191,6 +225,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     if not prompts or max_new_tokens == 0:
         return [[] for _ in prompts]
     device = next(model.parameters()).device
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    if cuda_graph and device.type != "cuda":
+        raise QLoRAError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
     expanded = [p for p in prompts for _ in range(num_beams)]
     width = max(len(p) for p in prompts)
     ids, mask = left_pad(expanded, pad_id, width + max_new_tokens, device)
@@ -199,11 +237,14 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     try:
         with torch.inference_mode():
             model.setup_cache(len(expanded), width + max_new_tokens)
+            step = GraphedDecodeStep(model, len(expanded), width + max_new_tokens, device) if cuda_graph \
+                else decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
-                                       generator)
+                                       generator, step)
             else:
-                tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty)
+                tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
+                                     step)
     finally:
         model.clear_cache()
         model.train(was_training)

@@ -73,3 +73,22 @@ def test_train_resume_and_infer_on_cuda(tmp_path):
         result = subprocess.run(command + extra, env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("mean_perplexity: ")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cuda_graph_decoding_equals_eager(tmp_path, num_beams):
+    from qlora_core.lora import add_lora
+    write_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=128, intermediate_size=256)
+    model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.bfloat16, device="cuda")
+    add_lora(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (3, 11, 7, 1, 16, 5, 9, 2)]
+    eager = generate(model, prompts, 24, num_beams=num_beams, cuda_graph=False)
+    eos = max((t for row in eager for t in row[4:-4]), key=lambda t: sum(t in row for row in eager))
+    eager = generate(model, prompts, 24, num_beams=num_beams, eos_id=eos, cuda_graph=False)
+    graphed = generate(model, prompts, 24, num_beams=num_beams, eos_id=eos, cuda_graph=True)
+    assert graphed == eager
+    assert any(len(row) < 24 for row in eager), "no row stopped at EOS"

@@ -179,3 +179,10 @@ def test_build_prompts_modes_and_truncation():
         gen.build_prompts(tok, instructions, "few-shot")
     with pytest.raises(gen.QLoRAError, match="prompt mode"):
         gen.build_prompts(tok, instructions, "one-shot")
+
+
+def test_cuda_graph_needs_a_cuda_model(tmp_path):
+    write_checkpoint(tmp_path)
+    model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    with pytest.raises(gen.QLoRAError, match="cuda_graph=True needs a model on a CUDA device"):
+        gen.generate(model, [[1, 5, 9]], 4, cuda_graph=True)
