@@ -109,7 +109,8 @@ def main(argv=None):
     eval_examples = tokenize_records(tok, eval_records, data_cfg) if eval_records else None
 
     def eval_fn(m):
-        ppl = perplexities(m, tok, eval_records, template=args.template, batch_size=cfg.eval_batch_size)
+        ppl = perplexities(m, tok, eval_records, template=args.template, batch_size=cfg.eval_batch_size,
+                           progress=False)
         return {"eval_perplexity": sum(ppl) / len(ppl)}
 
     result = train(model, train_examples, pad_id, cfg, eval_examples, eval_fn if eval_records else None,

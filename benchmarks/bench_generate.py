@@ -10,12 +10,11 @@ flat logits, so rounding differences flip ties early: a small number there is ex
     python benchmarks/bench_generate.py --preset llama-2-7b --layers 32 --out generate.json             # on a GPU
     python benchmarks/bench_generate.py --preset tiny --device cpu --new-tokens 8 --iters 1              # smoke
 """
-from pathlib import Path
 
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, print_table, reset_peak, setup, write_json)
+                    peak_gib, report, reset_peak, setup)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -123,15 +122,9 @@ def main():
         if r.get("impl") == "ours" and "batch" in r and "ours-eager" in outputs:
             r["equals_eager"] = bool(torch.equal(outputs["ours"][r["batch"]], outputs["ours-eager"][r["batch"]]))
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("batch",))
-    print_table(rows, ["impl", "batch", "new_tokens_per_s", "ms_per_token", "peak_alloc_gib", "peak_reserved_gib",
-                       "weights_gib", "load_s", "match_prefix", "equals_eager", "ours/new_tokens_per_s",
-                       "ours/peak_alloc_gib"])
-    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers)
-    write_json(args.out or f"{args.workdir}/bench_generate.json", rows, args.device, benchmark="generate",
-               settings=settings, config=cfg.to_dict())
-    if any("error" in r for r in rows):
-        raise SystemExit(1)
-
+    report(args, rows, ["impl", "batch", "new_tokens_per_s", "ms_per_token", "peak_alloc_gib", "peak_reserved_gib",
+                        "weights_gib", "load_s", "match_prefix", "equals_eager", "ours/new_tokens_per_s",
+                        "ours/peak_alloc_gib"], cfg, model_dir, "generate")
 
 if __name__ == "__main__":
     main()

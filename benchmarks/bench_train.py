@@ -12,12 +12,11 @@ the float32 cast and autocast: every non-4-bit weight stays bf16). `ours/<key>` 
     python benchmarks/bench_train.py --preset tiny --device cpu --steps 1 --grad-accum 2 --seq-len 64   # smoke
 """
 import contextlib
-from pathlib import Path
 
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, print_table, reset_peak, setup, write_json)
+                    peak_gib, report, reset_peak, setup)
 
 from qlora_core.data import IGNORE_INDEX, collate  # after common, which puts the repo on sys.path
 
@@ -159,15 +158,9 @@ def main():
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
         free_memory(args.device)  # outside the except: its traceback no longer holds the failed model
     add_ratios(rows, ["tokens_per_s", "peak_alloc_gib", "load_s"])
-    print_table(rows, ["impl", "tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "weights_gib",
-                       "load_s", "first_loss", "ours/tokens_per_s", "ours/peak_alloc_gib", "ours/load_s"])
-    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers,
-                    tokens_per_step=args.batch_size * args.seq_len * args.grad_accum)
-    write_json(args.out or f"{args.workdir}/bench_train.json", rows, args.device, benchmark="train",
-               settings=settings, config=cfg.to_dict())
-    if any("error" in r for r in rows):
-        raise SystemExit(1)
-
+    report(args, rows, ["impl", "tokens_per_s", "step_s", "peak_alloc_gib", "peak_reserved_gib", "weights_gib",
+                        "load_s", "first_loss", "ours/tokens_per_s", "ours/peak_alloc_gib", "ours/load_s"],
+           cfg, model_dir, "train", tokens_per_step=args.batch_size * args.seq_len * args.grad_accum)
 
 if __name__ == "__main__":
     main()

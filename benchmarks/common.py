@@ -272,6 +272,16 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     sys.stdout.flush()
 
 
+def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark: str, **settings) -> None:
+    """Print the table, write the JSON (to --out or WORKDIR/bench_<benchmark>.json), exit 1 if a row failed."""
+    print_table(rows, columns)
+    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers, **settings)
+    write_json(args.out or f"{args.workdir}/bench_{benchmark}.json", rows, args.device, benchmark=benchmark,
+               settings=settings, config=cfg.to_dict())
+    if any("error" in r for r in rows):
+        raise SystemExit(1)
+
+
 def add_ratios(rows: list[dict], keys: list[str], match: tuple = (), ours: str = "ours") -> None:
     """Give each row `ours/<key>`: the ours row's value over this row's, among rows equal on the `match` keys."""
     for r in rows:

@@ -16,12 +16,13 @@ from .config import ModelConfig
 from .model import LlamaForCausalLM
 from .tokenizer import load_tokenizer
 
-NAME = "builtin-tiny-zh"
+NAME = "builtin-tiny-zh-2x128"
+"""Cache directory name; it names the shape, so a changed shape never reuses an old cache."""
 TOKENIZER = Path(__file__).parent / "default_data" / "tokenizer.model"
 
 
 def builtin_config(vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+    return ModelConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None)
 

@@ -166,7 +166,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
     load_adapter(model, path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: holds Python's RNG tuple
+    rng = torch.load(path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -217,8 +217,11 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
 
     step, last_ckpt = 0, None
+    found = checkpoint_dirs(out)
+    if found and not resume:
+        raise QLoRAError(f"{out}: holds checkpoints of an earlier run ({found[-1].name}); continue it with --resume "
+                         "or choose another --output-dir")
     if resume:
-        found = checkpoint_dirs(out)
         if not found:
             raise QLoRAError(f"{out}: --resume given, but there is no checkpoint-* directory to resume from")
         last_ckpt = found[-1]

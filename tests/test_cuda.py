@@ -13,7 +13,9 @@ import torch
 
 from conftest import write_checkpoint
 from qlora_core import load_model
+from qlora_core.builtin import NAME as BUILTIN_NAME
 from qlora_core.generate import generate
+from qlora_core.lora import add_lora
 from qlora_core.quant import is_4bit, storage_bytes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
@@ -65,7 +67,7 @@ def test_train_resume_and_infer_on_cuda(tmp_path):
     assert any("eval_perplexity" in r for r in rows) and all(r.get("loss", 0) == r.get("loss", 0) for r in rows)
     again = subprocess.run(train + ["--max-steps", "12", "--resume"], env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    model_dir = tmp_path / "cache" / "qlora_core" / "builtin-tiny-zh"
+    model_dir = tmp_path / "cache" / "qlora_core" / BUILTIN_NAME
     test_file = ROOT / "qlora_core" / "default_data" / "eval.jsonl"
     for extra in (["--decoder", "greedy"], ["--decoder", "beam", "--num-beams", "3"], ["--perplexity"]):
         command = [sys.executable, str(ROOT / "infer.py"), "--model", str(model_dir), "--adapter", str(out),
@@ -77,7 +79,6 @@ def test_train_resume_and_infer_on_cuda(tmp_path):
 
 @pytest.mark.parametrize("num_beams", [1, 3])
 def test_cuda_graph_decoding_equals_eager(tmp_path, num_beams):
-    from qlora_core.lora import add_lora
     write_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=128, intermediate_size=256)
     model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.bfloat16, device="cuda")
     add_lora(model)

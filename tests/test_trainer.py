@@ -154,6 +154,8 @@ def test_sigterm_then_resume_ends_with_the_same_adapter(tmp_path):
     saved = sorted((tmp_path / "killed").glob("checkpoint-*"))
     assert saved and not (tmp_path / "killed" / "adapter_model.safetensors").exists()
     assert not list((tmp_path / "killed").glob(".checkpoint-*")), "a temporary checkpoint was left behind"
+    fresh = run_train(tmp_path / "killed")
+    assert fresh.returncode == 2 and "continue it with --resume" in fresh.stderr
     resumed = run_train(tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
