@@ -99,6 +99,22 @@ def train_step_hf(model, params, optimizer, batches, device, autocast: bool):
     return total
 
 
+def profile_step(step, path: str) -> None:
+    """One more step under torch.profiler; its busiest operators by GPU and by host time go to a text file."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    table = prof.key_averages()
+    sort_gpu = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    text = table.table(sort_by=sort_gpu, row_limit=25) + "\n" + table.table(sort_by="self_cpu_time_total", row_limit=25)
+    with open(path, "w") as f:
+        f.write(text)
+    log(f"profile written to {path}")
+
+
 def run_one(impl: str, model_dir, device, args, batches) -> dict:
     log(f"{impl}: loading")
     free_memory(device)
@@ -126,6 +142,8 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
     row = {"impl": impl, "tokens_per_s": tokens / timing["median_s"], "step_s": timing["median_s"],
            **peak_gib(device), "weights_gib": weights_gib, "load_s": load["s"], "first_loss": losses[0],
            "trainable_params": sum(p.numel() for p in params), "step_times_s": timing["times_s"]}
+    if args.profile:
+        profile_step(step, f"{args.profile}/profile_{impl}.txt")
     del model, params, optimizer, it, step
     free_memory(device)
     log(f"{impl}: {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
@@ -140,12 +158,13 @@ def main():
     ap.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     ap.add_argument("--warmup-steps", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (the median is reported)")
+    ap.add_argument("--profile", metavar="DIR", help="also profile one more step of each impl into DIR/profile_IMPL.txt")
     ap.add_argument("--no-hf-autocast", dest="hf_autocast", action="store_false",
                     help="run the hf row without bf16 autocast")
     args = ap.parse_args()
 
     impls, cfg, model_dir = setup(args, IMPLS)
-    batches = make_batches((args.warmup_steps + args.steps) * args.grad_accum, args.batch_size, args.seq_len,
+    batches = make_batches((args.warmup_steps + args.steps + bool(args.profile)) * args.grad_accum, args.batch_size, args.seq_len,
                            args.prompt_len, cfg.vocab_size)
     torch.manual_seed(0)
 
