@@ -125,6 +125,21 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
         train(model, random_examples(8), 0, cfg)
 
 
+def test_metrics_checkpoints_and_learning_curve(tmp_path):
+    model = lora_model(tmp_path / "m")
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=4, batch_size=2, grad_accum=2, eval_every=2,
+                      save_every=2, optim="adamw")
+    result = train(model, random_examples(12), 0, cfg, eval_examples=random_examples(4),
+                   eval_fn=lambda m: {"eval_perplexity": 1.0})
+    out = Path(cfg.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 2, 4]
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
+    assert result == {"step": 4, "stopped_by": None, "adapter_dir": str(out)}
+    assert (out / "adapter_model.safetensors").is_file() and (out / "learning_curve.png").stat().st_size > 1000
+
+
 def run_train(out, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
