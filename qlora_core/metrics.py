@@ -3,19 +3,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import IGNORE_INDEX, encode_example
+from .data import IGNORE_INDEX, collate, encode_example
 from .prompts import DEFAULT_TEMPLATE
 from .util import QLoRAError
 
 
 def perplexity_example(tok, record: dict, template: str = DEFAULT_TEMPLATE,
-                       max_len: int = 2048) -> tuple[list[int], int]:
-    """(ids, prompt_len) of one record as ppl.py builds it: BOS + prompt + output + EOS, cut to max_len tokens.
+                       max_len: int = 2048) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one record as ppl.py builds it: BOS + prompt + output + EOS, cut to max_len tokens.
 
-    The loss counts the tokens from index prompt_len on (the output and EOS, as far as they survive the cut).
+    Labels are IGNORE_INDEX on the prompt, so the loss counts the output and EOS, as far as they survive the cut.
     """
     ids, labels = encode_example(tok, record, template, max_len, max_len)
-    return ids[:max_len], labels.count(IGNORE_INDEX)
+    return ids[:max_len], labels[:max_len]
 
 
 def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLATE, batch_size: int = 8,
@@ -45,20 +45,13 @@ def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLA
     return values
 
 
-def batch_perplexity(model, examples: list[tuple[list[int], int]], device) -> list[float]:
-    """Perplexities of (ids, prompt_len) examples run as one right-padded batch."""
-    width = max(len(ids) for ids, _ in examples)
-    ids = torch.zeros((len(examples), width), dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    counted = torch.zeros((len(examples), width), dtype=torch.bool)
-    for row, (tokens, prompt_len) in enumerate(examples):
-        ids[row, :len(tokens)] = torch.tensor(tokens)
-        mask[row, :len(tokens)] = 1
-        counted[row, prompt_len:len(tokens)] = True
-    ids, mask, counted = ids.to(device), mask.to(device), counted.to(device)
-    hidden = model.model(ids, attention_mask=mask)[:, :-1]
-    targets = counted[:, 1:]  # position j predicts token j + 1; lm_head runs on the counted positions only
-    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), ids[:, 1:][targets], reduction="none").double()
+def batch_perplexity(model, examples: list[tuple[list[int], list[int]]], device) -> list[float]:
+    """Perplexities of (ids, labels) examples run as one right-padded batch."""
+    batch = collate(examples, pad_id=0)
+    ids, labels = batch["input_ids"].to(device), batch["labels"][:, 1:].to(device)
+    hidden = model.model(ids, attention_mask=batch["attention_mask"].to(device))[:, :-1]
+    targets = labels != IGNORE_INDEX  # position j predicts token j + 1; lm_head runs on the counted positions only
+    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), labels[targets], reduction="none").double()
     rows = targets.nonzero()[:, 0]
     total = torch.zeros(len(examples), dtype=torch.float64, device=device).index_add_(0, rows, nll)
     return torch.exp(total / targets.sum(1)).tolist()
