@@ -45,13 +45,22 @@ def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLA
     return values
 
 
+def target_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 NLL of each target token, the batch row it belongs to) for a right-padded batch from collate.
+
+    Right padding needs no attention mask: causal attention already keeps real tokens from seeing it. lm_head runs
+    only on the positions whose next token is a target, which saves most of its time and memory.
+    """
+    device = model.lm_head.weight.device
+    hidden = model.model(batch["input_ids"].to(device))[:, :-1]
+    labels = batch["labels"][:, 1:].to(device)  # position j predicts token j + 1
+    targets = labels != IGNORE_INDEX
+    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), labels[targets], reduction="none")
+    return nll, targets.nonzero()[:, 0]
+
+
 def batch_perplexity(model, examples: list[tuple[list[int], list[int]]], device) -> list[float]:
     """Perplexities of (ids, labels) examples run as one right-padded batch."""
-    batch = collate(examples, pad_id=0)
-    ids, labels = batch["input_ids"].to(device), batch["labels"][:, 1:].to(device)
-    hidden = model.model(ids, attention_mask=batch["attention_mask"].to(device))[:, :-1]
-    targets = labels != IGNORE_INDEX  # position j predicts token j + 1; lm_head runs on the counted positions only
-    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), labels[targets], reduction="none").double()
-    rows = targets.nonzero()[:, 0]
-    total = torch.zeros(len(examples), dtype=torch.float64, device=device).index_add_(0, rows, nll)
-    return torch.exp(total / targets.sum(1)).tolist()
+    nll, rows = target_nll(model, collate(examples, pad_id=0))
+    total = torch.zeros(len(examples), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
+    return torch.exp(total / torch.bincount(rows, minlength=len(examples))).tolist()

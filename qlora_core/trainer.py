@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import IGNORE_INDEX, collate, length_grouped_batches
 from .lora import load_adapter, save_adapter
+from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
 from .util import QLoRAError, log
 
@@ -85,17 +85,8 @@ def target_count(batch: dict) -> int:
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over the batch's target tokens, in float32.
-
-    The batch is right-padded, so plain causal attention already keeps real tokens from seeing padding.
-    lm_head runs only on the positions whose next token is a target, which saves most of its time and memory.
-    """
-    device = model.lm_head.weight.device
-    hidden = model.model(batch["input_ids"].to(device))[:, :-1]
-    labels = batch["labels"][:, 1:].to(device)
-    keep = labels != IGNORE_INDEX
-    logits = model.lm_head(hidden[keep]).float()
-    return F.cross_entropy(logits, labels[keep], reduction="sum")
+    """Summed next-token cross-entropy over the batch's target tokens, in float32."""
+    return target_nll(model, batch)[0].sum()
 
 
 def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: Path | None = None) -> float:
