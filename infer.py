@@ -7,9 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from qlora_core.checkpoint import load_model, resolve_model_dir
+from qlora_core.checkpoint import DTYPES, add_model_flags, load_model, resolve_model_dir
 from qlora_core.data import load_records
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
 from qlora_core.lora import load_adapter
@@ -17,8 +15,6 @@ from qlora_core.metrics import perplexities
 from qlora_core.prompts import select_few_shot
 from qlora_core.tokenizer import load_tokenizer
 from qlora_core.util import QLoRAError, log, run_cli
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -45,11 +41,7 @@ def parse_args(argv=None):
                         "context (max_position_embeddings) minus this is cut to BOS + its last tokens, which "
                         "drops the start of the system text or of the few-shot examples, never the instruction's end")
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
-    p.add_argument("--quantize", choices=("nf4", "none"), default="nf4",
-                   help="store the base's projections in 4-bit NF4 (default) or keep them dense")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16",
-                   help="compute dtype of the model (default bfloat16)")
-    p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    add_model_flags(p)
     p.add_argument("--perplexity", action="store_true",
                    help="score the test file's outputs with the course's perplexity (zero-shot template, 2048 "
                         "tokens) instead of generating; prints 'mean_perplexity: X' last")
@@ -78,8 +70,7 @@ def main(argv=None):
         else []
     model_dir = resolve_model_dir(args.model)
     tok = load_tokenizer(model_dir)
-    model = load_model(model_dir, quantize=None if args.quantize == "none" else args.quantize,
-                       compute_dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     if args.adapter:
         load_adapter(model, args.adapter)
 

@@ -13,6 +13,7 @@ import torch
 
 from qlora_core import load_model, load_tokenizer
 from qlora_core.builtin import builtin_model_dir
+from qlora_core.checkpoint import DTYPES, add_model_flags
 from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
 from qlora_core.lora import add_lora, parameter_summary
 from qlora_core.metrics import perplexities
@@ -20,8 +21,6 @@ from qlora_core.optim import OPTIMIZERS
 from qlora_core.prompts import DEFAULT_TEMPLATE
 from qlora_core.trainer import TrainConfig, train
 from qlora_core.util import QLoRAError, log, run_cli
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
@@ -68,10 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=t.seed,
                    help="seed of LoRA init, dropout and data order (default: %(default)s)")
     p.add_argument("--optim", default=t.optim, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
-    p.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
-                   help="store the base's projections in 4-bit NF4 with double quantization (default: %(default)s)")
-    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
-    p.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    add_model_flags(p)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer in backward (default: on for CUDA, off for the CPU)")
     return p.parse_args(argv)
@@ -97,8 +93,7 @@ def main(argv=None):
     tok = load_tokenizer(model_path)
     train_records = load_records(train_file)
     eval_records = load_records(eval_file) if eval_file else None
-    model = load_model(model_path, quantize=None if args.quantize == "none" else args.quantize,
-                       compute_dtype=DTYPES[args.dtype], device=args.device)
+    model = load_model(model_path, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     torch.manual_seed(args.seed)
     targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)

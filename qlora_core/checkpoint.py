@@ -1,5 +1,4 @@
 """Loading a Hugging Face LLaMA-family checkpoint into our model, dense or quantized to NF4 on the way."""
-import json
 from pathlib import Path
 
 import torch
@@ -8,11 +7,14 @@ from torch import nn
 from .config import ModelConfig
 from .model import LlamaForCausalLM, rope_inv_freq
 from .quant import PROJECTIONS, nf4_linear
-from .util import QLoRAError, log
+from .util import QLoRAError, log, read_json_object
 
 HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
              "model-*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model",
              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+"""Compute dtypes by the names the command lines take."""
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 """Buffers that some old checkpoints store and that the model recomputes."""
 
@@ -40,7 +42,10 @@ def weight_shards(model_dir: Path) -> list[Path]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = model_dir / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise QLoRAError(f"{index}: no \"weight_map\" object naming the shard of each weight")
+            shards = sorted(set(weight_map.values()))
             for shard in shards:
                 if not (model_dir / shard).is_file():
                     raise QLoRAError(f"{model_dir / shard}: shard named in {index} is missing")
@@ -67,15 +72,25 @@ def iter_tensors(shard: Path):
         yield from state.items()
 
 
+def add_model_flags(parser) -> None:
+    """The flags of train.py and infer.py that say how to load the base model: --quantize, --dtype, --device."""
+    parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
+                        help="store the base's projections in 4-bit NF4 with double quantization "
+                        "(default: %(default)s)")
+    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
+    parser.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+
+
 def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype = torch.bfloat16,
                device: str | torch.device | None = None) -> LlamaForCausalLM:
     """Load a LLaMA-family checkpoint (local directory or hub id) as our model, in eval mode with frozen weights.
 
-    quantize=None keeps every weight in compute_dtype; "nf4" stores the decoder projections in 4-bit NF4
+    quantize=None (or "none") keeps every weight in compute_dtype; "nf4" stores the decoder projections in 4-bit NF4
     with double quantization as each tensor is read, so the full-precision model never exists at once.
     """
-    if quantize not in (None, "nf4"):
-        raise QLoRAError(f"quantize={quantize!r} is not supported (None or 'nf4')")
+    if quantize not in (None, "none", "nf4"):
+        raise QLoRAError(f"quantize={quantize!r} is not supported (None, 'none' or 'nf4')")
+    quantize = None if quantize == "none" else quantize
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model_dir = resolve_model_dir(path_or_repo_id)
     cfg = ModelConfig.from_json(model_dir / "config.json")
