@@ -19,6 +19,7 @@ from qlora_core.lora import add_lora, parameter_summary
 from qlora_core.metrics import perplexities
 from qlora_core.optim import OPTIMIZERS
 from qlora_core.prompts import DEFAULT_TEMPLATE
+from qlora_core.tokenizer import padding_id
 from qlora_core.trainer import TrainConfig, train
 from qlora_core.util import QLoRAError, log, run_cli
 
@@ -99,7 +100,7 @@ def main(argv=None):
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
     log(parameter_summary(model))
 
-    pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
+    pad_id = padding_id(tok)
     train_examples = tokenize_records(tok, train_records, data_cfg)
     eval_examples = tokenize_records(tok, eval_records, data_cfg) if eval_records else None
 

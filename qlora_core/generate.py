@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
+from .tokenizer import padding_id
 from .util import QLoRAError, log
 
 PROMPT_MODES = ("zero-shot", "few-shot", "lora")
@@ -288,7 +289,7 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
     """
     if batch_size < 1:
         raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
-    pad_id = next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
+    pad_id = padding_id(tok)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors show early
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     texts = [""] * len(prompts)

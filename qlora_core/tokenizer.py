@@ -2,7 +2,7 @@
 
 Both backends offer `encode(text) -> list[int]` (no BOS or EOS added), `decode(ids) -> str` (BOS, EOS, pad and the
 library's own special tokens skipped), and the attributes `bos_id`, `eos_id`, `pad_id` and `vocab_size`. `pad_id` is
-None when the tokenizer has no pad token; callers then pad with `eos_id`, or 0 when that is None too.
+None when the tokenizer has no pad token; `padding_id` gives the id to pad with then.
 """
 from pathlib import Path
 
@@ -57,6 +57,11 @@ class JsonTokenizer:
     def decode(self, ids: list[int]) -> str:
         special = {self.bos_id, self.eos_id, self.pad_id}
         return self.tok.decode([i for i in ids if i not in special], skip_special_tokens=True)
+
+
+def padding_id(tok) -> int:
+    """The id to pad batches with: the pad token, else EOS, else 0 (padding is masked or ignored either way)."""
+    return next(i for i in (tok.pad_id, tok.eos_id, 0) if i is not None)
 
 
 def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | JsonTokenizer:
