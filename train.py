@@ -37,10 +37,14 @@ def parse_args(argv=None):
                    "and the final adapter go (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=t.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=t.batch_size,
-                   help="examples per micro-batch (default: %(default)s)")
+                   help="examples per micro-batch as the seed counted them (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=t.grad_accum,
-                   help="micro-batches per optimizer step; the effective batch is batch-size x grad-accum "
-                   "(default: %(default)s)")
+                   help="micro-batches per optimizer step: a step covers batch-size x grad-accum examples, and its "
+                   "gradient is the mean token loss over all of them (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=t.max_tokens,
+                   help="how a step's examples reach the GPU: packed without padding into micro-batches of at most "
+                   "this many tokens; the same gradient for any value (default: picked from the model's size, "
+                   "see qlora_core.trainer.auto_max_tokens)")
     p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
                    help="fraction of steps of linear warmup, then linear decay to 0 (default: %(default)s)")
@@ -87,9 +91,10 @@ def main(argv=None):
     cfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
-                      save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
-    if min(cfg.max_steps, cfg.batch_size, cfg.grad_accum) < 1:
-        raise QLoRAError("--max-steps, --batch-size and --grad-accum must be at least 1")
+                      save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                      max_tokens=args.max_tokens)
+    if min(cfg.max_steps, cfg.batch_size, cfg.grad_accum, cfg.max_tokens or 1) < 1:
+        raise QLoRAError("--max-steps, --batch-size, --grad-accum and --max-tokens must be at least 1")
 
     tok = load_tokenizer(model_path)
     train_records = load_records(train_file)

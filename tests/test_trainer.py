@@ -16,7 +16,9 @@ from conftest import need_shared, write_checkpoint
 from qlora_core import load_model
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
-from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
+from qlora_core.lora import lora_state_dict
+from qlora_core.optim import linear_schedule, make_optimizer
+from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, micro_batches, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,6 +60,55 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     F.cross_entropy(logits[:, :-1].flatten(0, 1), big["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX).backward()
     for name, g in lora_grads(model).items():
         assert (accumulated[name] - g).norm() <= 1e-5 * g.norm(), name
+
+
+def test_packed_micro_batches_follow_the_record_by_record_trajectory(tmp_path):
+    """3 optimizer steps of 2 x 8 records: packed into many micro-batches (64 tokens) or one (100,000), the adapter
+    ends the same, and equal to a loop that runs each record alone and takes the mean token loss of the step."""
+    random.seed(0)
+    torch.manual_seed(0)
+    examples = random_examples(40)
+    write_checkpoint(tmp_path / "base", num_key_value_heads=2)
+
+    def fresh_model():
+        model = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(1)
+        add_lora(model, r=4, alpha=16, dropout=0.0)
+        return model.train()
+
+    def cfg(name, max_tokens):
+        return TrainConfig(output_dir=str(tmp_path / name), max_steps=3, batch_size=2, grad_accum=8, lr=1e-2,
+                           eval_every=0, save_every=0, max_tokens=max_tokens, warmup_ratio=0.0)
+
+    adapters, packings = {}, {}
+    for max_tokens in (64, 100_000):
+        model = fresh_model()
+        train(model, examples, 0, cfg(f"run{max_tokens}", max_tokens))
+        adapters[max_tokens] = lora_state_dict(model)
+        packings[max_tokens] = len(micro_batches(examples, list(range(16)), max_tokens))
+    assert packings[64] >= 3 and packings[100_000] == 1
+
+    model = fresh_model()  # the reference: plain autograd, one record at a time, no packing, no padding
+    c = cfg("ref", None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, stream = make_optimizer(params, c.optim, c.lr, c.weight_decay), BatchStream(
+        [len(ids) for ids, _ in examples], c.batch_size, c.seed, c.group_by_length)
+    scheduler = linear_schedule(optimizer, c.max_steps, c.warmup_ratio)
+    for _ in range(c.max_steps):
+        records = [examples[i] for _ in range(c.grad_accum) for i in stream.next()]
+        n_targets = sum(sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in records)
+        for ids, labels in records:
+            logits = model(torch.tensor([ids]))[0, :-1]
+            F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX,
+                            reduction="sum").div(n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    reference = lora_state_dict(model)
+    for key, ref in reference.items():
+        for max_tokens, adapter in adapters.items():
+            assert (adapter[key] - ref).norm() <= 1e-4 * ref.norm(), (max_tokens, key)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
