@@ -211,12 +211,16 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
            "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
     if impl == "ours":
         row["max_tokens"] = max_tokens
-        if args.memory_profile and torch.device(device).type == "cuda":
-            from qlora_core.memprofile import MemoryProfile
-            with MemoryProfile(args.memory_profile, model, optimizer):
-                step()
-    if args.profile and impl == "ours":
-        profile_step(step, f"{args.profile}/profile_{impl}.txt")
+        try:  # a failure in a profiler leaves the timed row standing
+            if args.memory_profile and torch.device(device).type == "cuda":
+                from qlora_core.memprofile import MemoryProfile
+                with MemoryProfile(args.memory_profile, model, optimizer):
+                    step()
+            if args.profile:
+                profile_step(step, f"{args.profile}/profile_{impl}.txt")
+        except Exception as e:
+            log(f"{impl}: profiling failed: {type(e).__name__}: {e}")
+            row["profile_error"] = f"{type(e).__name__}: {e}"
     del model, params, optimizer, it, step
     free_memory(device)
     log(f"{impl}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
