@@ -56,27 +56,32 @@ RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", 
 
 
 class BatchStream:
-    """Micro-batches of example indices, epoch after epoch, with a position that a checkpoint can hold."""
+    """The records of each optimizer step, epoch after epoch, with a position that a checkpoint can hold.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+    A step holds batch_size x grad_accum records (the last step of an epoch may hold fewer); with grouping they
+    have similar lengths, as in transformers' Trainer, which groups by this effective batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool):
+        self.lengths, self.step_size, self.seed = lengths, batch_size * grad_accum, seed
+        self.group = group_by_length
         self.epoch, self.index = 0, 0
-        self._batches = None
+        self._steps = None
 
-    def next(self) -> list[int]:
-        if self._batches is None:
-            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
-        if self.index == len(self._batches):
-            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
-            return self.next()
+    def next_step(self) -> list[int]:
+        if self._steps is None:
+            self._steps = length_grouped_batches(self.lengths, self.step_size, self.seed, self.epoch, self.group)
+        if self.index == len(self._steps):
+            self.epoch, self.index, self._steps = self.epoch + 1, 0, None
+            return self.next_step()
         self.index += 1
-        return self._batches[self.index - 1]
+        return self._steps[self.index - 1]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
     def load(self, state: dict):
-        self.epoch, self.index, self._batches = state["epoch"], state["index"], None
+        self.epoch, self.index, self._steps = state["epoch"], state["index"], None
 
 
 def target_count(batch: dict) -> int:
@@ -203,7 +208,8 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio)
-    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.seed, cfg.group_by_length)
+    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.grad_accum, cfg.seed,
+                         cfg.group_by_length)
     use_ckpt = cfg.gradient_checkpointing
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
 
@@ -240,7 +246,9 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         with StopSignal() as stop:
             while step < cfg.max_steps and stop.signum is None:
                 t0 = time.perf_counter()
-                batches = [collate([train_examples[i] for i in stream.next()], pad_id) for _ in range(cfg.grad_accum)]
+                records = stream.next_step()
+                batches = [collate([train_examples[i] for i in records[j:j + cfg.batch_size]], pad_id)
+                           for j in range(0, len(records), cfg.batch_size)]
                 total = accumulate_gradients(model, batches, step + 1, last_ckpt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 optimizer.step()

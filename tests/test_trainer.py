@@ -102,16 +102,54 @@ def test_loss_ignores_prompt_positions_and_counts_outputs(tmp_path):
 
 
 def test_batch_stream_resumes_mid_epoch():
+    random.seed(0)
     lengths = [random.randint(1, 50) for _ in range(23)]
-    a = BatchStream(lengths, 2, seed=3, group_by_length=True)
-    seq = [a.next() for _ in range(30)]
-    b = BatchStream(lengths, 2, seed=3, group_by_length=True)
-    for _ in range(17):
-        b.next()
-    c = BatchStream(lengths, 2, seed=3, group_by_length=True)
+    a = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    seq = [a.next_step() for _ in range(10)]
+    b = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    for _ in range(6):
+        b.next_step()
+    c = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
     c.load(b.state())
-    assert [c.next() for _ in range(13)] == seq[17:]
-    assert sorted(i for batch in seq[:12] for i in batch) == list(range(23))
+    assert [c.next_step() for _ in range(4)] == seq[6:]
+    assert [len(s) for s in seq[:4]] == [6, 6, 6, 5]
+    assert sorted(i for step in seq[:4] for i in step) == list(range(23))
+
+
+@pytest.mark.parametrize("n, batch_size, grad_accum", [(1000, 2, 16), (3000, 4, 2), (45, 2, 4)])
+def test_steps_group_lengths_as_transformers_length_grouped_sampler(n, batch_size, grad_accum):
+    """Each step holds the lengths the Trainer's sampler puts in it (it groups by batch_size x grad_accum)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    rng = random.Random(n)
+    lengths = [rng.randint(1, 500) for _ in range(n)]
+    per_step = batch_size * grad_accum
+    steps_per_epoch = -(-n // per_step)
+    stream = BatchStream(lengths, batch_size, grad_accum, seed=42, group_by_length=True)
+    for epoch in range(2):
+        hf = list(LengthGroupedSampler(per_step, lengths=lengths, generator=torch.Generator().manual_seed(42 + epoch)))
+        hf_steps = [hf[i:i + per_step] for i in range(0, n, per_step)]
+        ours = [stream.next_step() for _ in range(steps_per_epoch)]
+        assert [sorted(lengths[i] for i in s) for s in ours] == [sorted(lengths[i] for i in s) for s in hf_steps]
+
+
+def test_train_cuts_each_step_into_micro_batches_in_order(tmp_path, monkeypatch):
+    from qlora_core import trainer
+    torch.manual_seed(0)
+    random.seed(0)
+    model = lora_model(tmp_path / "m")
+    examples = random_examples(20)
+    seen = []
+    real = trainer.accumulate_gradients
+    monkeypatch.setattr(trainer, "accumulate_gradients",
+                        lambda m, batches, *a: seen.append([b["input_ids"] for b in batches]) or real(m, batches, *a))
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=3, eval_every=0,
+                      save_every=0, optim="adamw")
+    train(model, examples, 0, cfg)
+    stream = BatchStream([len(ids) for ids, _ in examples], 2, 3, cfg.seed, True)
+    for batches in seen:
+        records = stream.next_step()
+        expected = [collate([examples[i] for i in records[j:j + 2]], 0)["input_ids"] for j in range(0, 6, 2)]
+        assert [b.tolist() for b in batches] == [e.tolist() for e in expected]
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
