@@ -51,8 +51,8 @@ class TrainConfig:
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
-RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim",
-                 "group_by_length")
+RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "max_grad_norm", "weight_decay",
+                 "seed", "optim", "group_by_length")
 
 
 class BatchStream:
@@ -144,7 +144,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    state = {"step": step, "data": stream.state(), "config": asdict(cfg)}
+    state = {"step": step, "data": stream.state(), "config": asdict(cfg), "lora": asdict(model.lora_config)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -155,14 +155,18 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
     """Restore a checkpoint into the run's objects; returns its step."""
     state = json.loads((path / "trainer_state.json").read_text())
-    for name in RESUME_FIELDS:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={state['config'].get(name)!r}, "
-                             f"this run asks for {name}={getattr(cfg, name)!r}")
+    checks = [(name, state["config"].get(name), getattr(cfg, name)) for name in RESUME_FIELDS]
+    checks += [(f"LoRA {name}", state.get("lora", {}).get(name), ours)
+               for name, ours in asdict(model.lora_config).items()]
+    for name, theirs, ours in checks:
+        if theirs != ours:
+            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
+                             f"this run asks for {name}={ours!r}")
     load_adapter(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    device = next(p.device for p in model.parameters() if p.requires_grad)  # the checkpoint's may be another
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():

@@ -1,7 +1,9 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
+import dataclasses
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import need_shared, write_checkpoint
-from qlora_core import load_model
+from qlora_core import QLoRAError, load_model
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
 from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
@@ -159,7 +161,6 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
         model.model.layers[-1].mlp.down_proj.lora_B.weight.fill_(float("nan"))
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=1, eval_every=0,
                       save_every=0, optim="adamw")
-    from qlora_core.util import QLoRAError
     with pytest.raises(QLoRAError, match="loss became nan at step 1"):
         train(model, random_examples(8), 0, cfg)
 
@@ -177,6 +178,52 @@ def test_metrics_checkpoints_and_learning_curve(tmp_path):
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-2", "checkpoint-4"]
     assert result == {"step": 4, "stopped_by": None, "adapter_dir": str(out)}
     assert (out / "adapter_model.safetensors").is_file() and (out / "learning_curve.png").stat().st_size > 1000
+
+
+def lora_on(path, r=4, alpha=16, dropout=0.0, targets="all-linear"):
+    """The checkpoint at path with fresh LoRA layers, in training mode."""
+    return add_lora(load_model(path, compute_dtype=torch.float32, device="cpu"), r, alpha, dropout, targets).train()
+
+
+def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    random.seed(0)
+    write_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    examples = random_examples(8)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=1, eval_every=0,
+                      save_every=1, optim="adamw")
+    train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    straight = adapter(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    states = {name: torch.load(ckpt / name, weights_only=True) for name in ("optimizer.pt", "scheduler.pt", "rng.pt")}
+    with monkeypatch.context() as m:  # write the files as a run on cuda:1 does: each storage tagged with its device
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+        for name, state in states.items():
+            torch.save(state, ckpt / name)
+    train(lora_on(tmp_path / "m"), examples, 0, cfg, resume=True)
+    resumed = adapter(tmp_path / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("change, lora_change, name", [
+    ({"max_grad_norm": 1.0}, {}, "max_grad_norm"),
+    ({"weight_decay": 0.1}, {}, "weight_decay"),
+    ({}, {"r": 8}, "LoRA r"),
+    ({}, {"alpha": 32}, "LoRA alpha"),
+    ({}, {"dropout": 0.1}, "LoRA dropout"),
+    ({}, {"targets": ["q_proj", "v_proj"]}, "LoRA targets"),
+])
+def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
+    torch.manual_seed(0)
+    random.seed(0)
+    write_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    examples = random_examples(4)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=1, eval_every=0,
+                      save_every=1, optim="adamw")
+    train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    with pytest.raises(QLoRAError, match=f"cannot resume: it was trained with {name}="):
+        train(lora_on(tmp_path / "m", **lora_change), examples, 0, dataclasses.replace(cfg, **change), resume=True)
 
 
 def run_train(out, *extra, wait=True):
