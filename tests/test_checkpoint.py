@@ -25,6 +25,15 @@ def test_unsupported_model_type(tmp_path):
         load_model(tmp_path, device="cpu")
 
 
+def test_unsupported_rope_scaling(tmp_path):
+    write_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": yarn}))
+    with pytest.raises(QLoRAError, match=re.escape(str(tmp_path / "config.json")) + ".*'yarn'"):
+        load_model(tmp_path, device="cpu")
+
+
 def test_missing_shard(tmp_path):
     write_checkpoint(tmp_path, max_shard_size="50KB")
     shards = sorted(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()))
