@@ -92,12 +92,14 @@ def iter_tensors(shard: Path):
 
 
 def add_model_flags(parser) -> None:
-    """The flags of train.py and infer.py that say how to load the base model: --quantize, --dtype, --device."""
+    """The flags of train.py and infer.py that say how to load the base model: --quantize, --dtype, --device,
+    --revision."""
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
                         help="store the base's projections in 4-bit NF4 with double quantization "
                         "(default: %(default)s)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
     parser.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--revision", help="branch, tag or commit of a hub --model (default: its default branch)")
 
 
 def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype = torch.bfloat16,

@@ -1,8 +1,10 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
 import dataclasses
+import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -14,8 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import need_shared, write_checkpoint
+from conftest import fake_hub_cache, need_shared, write_checkpoint
 from qlora_core import QLoRAError, load_model
+from qlora_core.builtin import builtin_model_dir
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
 from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
@@ -226,12 +229,12 @@ def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
         train(lora_on(tmp_path / "m", **lora_change), examples, 0, dataclasses.replace(cfg, **change), resume=True)
 
 
-def run_train(out, *extra, wait=True):
+def run_train(out, *extra, wait=True, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
            "--train-file", str(DEFAULT_TRAIN),
            *extra]
-    env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache")}
+    env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache"), **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -309,3 +312,65 @@ def test_training_lowers_adl_perplexity(tmp_path):
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(after) < 0.7 * mean(before), (mean(before), mean(after))
 
+
+
+@pytest.mark.parametrize("revision", [None, "v1.0"])
+def test_hub_id_is_resolved_to_its_snapshot_before_the_tokenizer_is_read(tmp_path, revision):
+    """train.py --model owner/name (the README's command) with an offline hub cache that holds that repo."""
+    fake_hub_cache(tmp_path / "hub", "owner/tiny", builtin_model_dir(tmp_path / "cache"), ref=revision or "main")
+    out = tmp_path / "run"
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_train(out, "--model", "owner/tiny", "--max-steps", "1", "--save-every", "0",
+                       *(["--revision", revision] if revision else []), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/tiny"
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be between 0 and 1"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--lora-r", "0"], "--lora-r must be at least 1"),
+    (["--lora-alpha", "-16"], "--lora-alpha must be positive"),
+    (["--lora-dropout", "1"], "--lora-dropout must be at least 0 and below 1"),
+    (["--lora-targets", "q_proj,qkv"], "unknown LoRA target"),
+    (["--max-source-len", "0"], "--max-source-len must be at least 1"),
+    (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--template", "no field"], "--template has no {instruction} field"),
+    (["--revision", "main"], "--revision needs --model"),
+])
+def test_flags_are_checked_before_any_file_is_read(train_module, tmp_path, extra, message):
+    missing = tmp_path / "missing.json"  # read before the flags are checked, it would be the error
+    with pytest.raises(QLoRAError, match=re.escape(message)):
+        train_module.main(["--train-file", str(missing), "--output-dir", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize("files", [["--train-file", "{bad}"],
+                                   ["--train-file", str(DEFAULT_TRAIN), "--eval-file", "{bad}"]])
+def test_data_files_are_checked_before_the_model_is_looked_for(train_module, tmp_path, files):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "a", "instruction": "x"}]')
+    with pytest.raises(QLoRAError, match=re.escape(f'{bad}: record 0: field "output" is missing')):
+        train_module.main(["--model", str(tmp_path / "nonexistent"), *[f.format(bad=bad) for f in files]])
+
+
+def test_missing_model_directory_names_the_model_path(train_module, tmp_path):
+    with pytest.raises(QLoRAError, match=re.escape(str(tmp_path / "nonexistent")) + ": no such directory") as e:
+        train_module.main(["--model", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "out")])
+    assert "tokenizer" not in str(e.value)
+
+
+def test_bad_flag_is_one_line_without_a_traceback(tmp_path):
+    result = run_train(tmp_path / "out", "--lr", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --lr must be positive, got -1.0"]
