@@ -49,6 +49,7 @@ class ModelConfig:
 
     @property
     def rope_type(self) -> str:
+        """The rope_scaling kind; "default" for none."""
         scaling = self.rope_scaling or {}
         return scaling.get("rope_type", scaling.get("type", "default"))
 

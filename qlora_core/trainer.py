@@ -45,7 +45,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
-    """Batch examples of similar length together, as the seed's Trainer (group_by_length) did."""
+    """Give each optimizer step records of similar length, as the seed's Trainer (group_by_length) did."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
 
