@@ -143,18 +143,22 @@ def test_train_cuts_each_step_into_micro_batches_in_order(tmp_path, monkeypatch)
     random.seed(0)
     model = lora_model(tmp_path / "m")
     examples = random_examples(20)
-    seen = []
-    real = trainer.accumulate_gradients
-    monkeypatch.setattr(trainer, "accumulate_gradients",
-                        lambda m, batches, *a: seen.append([b["input_ids"] for b in batches]) or real(m, batches, *a))
+    seen, real = [], trainer.accumulate_gradients
+
+    def recording(model, batches, *args):
+        seen.append([b["input_ids"].tolist() for b in batches])
+        return real(model, batches, *args)
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", recording)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=3, eval_every=0,
                       save_every=0, optim="adamw")
     train(model, examples, 0, cfg)
     stream = BatchStream([len(ids) for ids, _ in examples], 2, 3, cfg.seed, True)
+    assert len(seen) == 3
     for batches in seen:
         records = stream.next_step()
-        expected = [collate([examples[i] for i in records[j:j + 2]], 0)["input_ids"] for j in range(0, 6, 2)]
-        assert [b.tolist() for b in batches] == [e.tolist() for e in expected]
+        assert batches == [collate([examples[i] for i in records[j:j + 2]], 0)["input_ids"].tolist()
+                           for j in range(0, 6, 2)]
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
