@@ -179,21 +179,19 @@ def length_grouped_batches(
 ) -> list[list[int]]:
     """The batches of one epoch, as lists of example indices; every index appears once, the last batch may be short.
 
-    The order is a random permutation from a torch.Generator seeded with `seed + epoch` (as
-    DistributedSampler seeds it). Without grouping it is cut into batches as it is. With grouping it follows HF's
-    LengthGroupedSampler: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
-    batches (at least 1), sort each megabatch by length, longest first, and cut it into batches.
-    The megabatch order is kept, and the first batch of the megabatch holding the longest example
-    trades places with the first batch of all, so an out-of-memory error shows at the first step
-    (HF swaps the single longest example; swapping its whole batch keeps batches of similar length).
+    The trainer's batch here is an optimizer step's records (batch_size x grad_accum), the unit transformers'
+    Trainer gives its LengthGroupedSampler. The order is a random permutation from a torch.Generator seeded with
+    `seed + epoch` (as DistributedSampler seeds it). Without grouping it is cut into batches as it is. With grouping
+    it is HF's get_length_grouped_indices: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
+    batches (at least 1), sort each megabatch by length, longest first, and swap the longest example of all with
+    the first one, so an out-of-memory error shows at the first step.
     """
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length or not order:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    mega = max(min(len(lengths) // (4 * batch_size), 50), 1) * batch_size
-    megabatches = [sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
-    batches = [[m[i : i + batch_size] for i in range(0, len(m), batch_size)] for m in megabatches]
-    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
-    batches[0][0], batches[longest][0] = batches[longest][0], batches[0][0]
-    return [batch for mb in batches for batch in mb]
+    if group_by_length and order:
+        mega = max(min(len(lengths) // (4 * batch_size), 50), 1) * batch_size
+        megabatches = [sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
+        longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
+        megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+        order = [i for m in megabatches for i in m]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -291,7 +291,10 @@ def read_adapter_weights(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tenso
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path):
-    """Load a peft LoRA adapter into the model, adding LoRA layers per its config if the model has none."""
+    """Load a peft LoRA adapter into the model, adding LoRA layers per its config if the model has none.
+
+    LoRA layers the model already has must match the adapter's r, alpha and targets.
+    """
     adapter_dir = Path(adapter_dir)
     cfg, raw = read_adapter_config(adapter_dir)
     layers = lora_layers(model)
@@ -300,9 +303,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path):
         layers = lora_layers(model)
     else:
         have = model.lora_config
-        if (have.r, have.targets) != (cfg.r, cfg.targets):
-            raise QLoRAError(f"{adapter_dir}: adapter has r={cfg.r}, targets {cfg.targets}, but the model's LoRA "
-                             f"layers have r={have.r}, targets {have.targets}")
+        if (have.r, have.alpha, have.targets) != (cfg.r, cfg.alpha, cfg.targets):
+            raise QLoRAError(f"{adapter_dir}: adapter has r={cfg.r}, alpha={cfg.alpha}, targets {cfg.targets}, but "
+                             f"the model's LoRA layers have r={have.r}, alpha={have.alpha}, targets {have.targets}")
         if any(m.merged for _, m in layers):
             raise QLoRAError("the model's LoRA is merged into its weights; call unmerge_lora before loading")
     path, tensors = read_adapter_weights(adapter_dir)
@@ -320,9 +323,6 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path):
     with torch.no_grad():
         for key, p in expected.items():
             p.copy_(tensors[key])
-        for _, m in layers:
-            m.scaling = cfg.alpha / cfg.r
-    model.lora_config.alpha = cfg.alpha
     return model
 
 

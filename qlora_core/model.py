@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .lora import project
+from .util import QLoRAError
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -26,11 +27,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with linear or llama3 scaling applied."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
+    scaling = cfg.rope_scaling
+    if cfg.rope_type == "linear":
         return inv_freq / scaling["factor"]
-    if kind == "llama3":
+    if cfg.rope_type == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -39,8 +39,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
-    if kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
     return inv_freq
 
 
@@ -181,6 +179,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.sliding_window = cfg.sliding_window
         self.gradient_checkpointing = False
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
@@ -199,9 +198,12 @@ class LlamaModel(nn.Module):
         cache = self.layers[0].self_attn.kv_cache
         if cache is not None and input_pos is None:
             raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
+        kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
+        if self.sliding_window is not None and kv_len > self.sliding_window:
+            raise QLoRAError(f"{kv_len} positions (prompt and new tokens, or a training example) exceed the model's "
+                             f"sliding_window of {self.sliding_window}; sliding-window attention is not implemented")
         if input_pos is not None or attention_mask is not None:
             pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)
-            kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
             mask = attention_bias_mask(pos, kv_len, attention_mask)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)

@@ -46,7 +46,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
-    """Batch examples of similar length together, as the seed's Trainer (group_by_length) did."""
+    """Give each optimizer step records of similar length, as the seed's Trainer (group_by_length) did."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
     max_tokens: int | None = None
@@ -54,32 +54,37 @@ class TrainConfig:
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
-RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim",
-                 "group_by_length")
+RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "max_grad_norm", "weight_decay",
+                 "seed", "optim", "group_by_length")
 
 
 class BatchStream:
-    """Micro-batches of example indices, epoch after epoch, with a position that a checkpoint can hold."""
+    """The records of each optimizer step, epoch after epoch, with a position that a checkpoint can hold.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+    A step holds batch_size x grad_accum records (the last step of an epoch may hold fewer); with grouping they
+    have similar lengths, as in transformers' Trainer, which groups by this effective batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool):
+        self.lengths, self.step_size, self.seed = lengths, batch_size * grad_accum, seed
+        self.group = group_by_length
         self.epoch, self.index = 0, 0
-        self._batches = None
+        self._steps = None
 
-    def next(self) -> list[int]:
-        if self._batches is None:
-            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
-        if self.index == len(self._batches):
-            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
-            return self.next()
+    def next_step(self) -> list[int]:
+        if self._steps is None:
+            self._steps = length_grouped_batches(self.lengths, self.step_size, self.seed, self.epoch, self.group)
+        if self.index == len(self._steps):
+            self.epoch, self.index, self._steps = self.epoch + 1, 0, None
+            return self.next_step()
         self.index += 1
-        return self._batches[self.index - 1]
+        return self._steps[self.index - 1]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
     def load(self, state: dict):
-        self.epoch, self.index, self._batches = state["epoch"], state["index"], None
+        self.epoch, self.index, self._steps = state["epoch"], state["index"], None
 
 
 def target_count(batch: dict) -> int:
@@ -167,7 +172,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    state = {"step": step, "data": stream.state(), "config": asdict(cfg)}
+    state = {"step": step, "data": stream.state(), "config": asdict(cfg), "lora": asdict(model.lora_config)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -178,14 +183,18 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
     """Restore a checkpoint into the run's objects; returns its step."""
     state = json.loads((path / "trainer_state.json").read_text())
-    for name in RESUME_FIELDS:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={state['config'].get(name)!r}, "
-                             f"this run asks for {name}={getattr(cfg, name)!r}")
+    checks = [(name, state["config"].get(name), getattr(cfg, name)) for name in RESUME_FIELDS]
+    checks += [(f"LoRA {name}", state.get("lora", {}).get(name), ours)
+               for name, ours in asdict(model.lora_config).items()]
+    for name, theirs, ours in checks:
+        if theirs != ours:
+            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
+                             f"this run asks for {name}={ours!r}")
     load_adapter(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    device = next(p.device for p in model.parameters() if p.requires_grad)  # the checkpoint's may be another
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -231,7 +240,8 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio)
-    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.seed, cfg.group_by_length)
+    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.grad_accum, cfg.seed,
+                         cfg.group_by_length)
     use_ckpt = cfg.gradient_checkpointing
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
     max_tokens = cfg.max_tokens or auto_max_tokens(model)
@@ -269,7 +279,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         with StopSignal() as stop:
             while step < cfg.max_steps and stop.signum is None:
                 t0 = time.perf_counter()
-                records = [i for _ in range(cfg.grad_accum) for i in stream.next()]
+                records = stream.next_step()
                 batches = micro_batches(train_examples, records, max_tokens)
                 total = accumulate_gradients(model, batches, step + 1, last_ckpt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()

@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import write_checkpoint
 from qlora_core import QLoRAError, load_model
-from qlora_core.lora import (LoRAConfig, LoRALinear, add_lora, export_merged, load_adapter, lora_state_dict,
-                             merge_lora, parameter_summary, project, save_adapter, unmerge_lora)
+from qlora_core.lora import (LoRAConfig, LoRALinear, add_lora, export_merged, load_adapter, lora_layers,
+                             lora_state_dict, merge_lora, parameter_summary, project, save_adapter, unmerge_lora)
 from qlora_core.quant import nf4_linear
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -325,9 +325,20 @@ def test_nf4_adapter_round_trip(tmp_path):
     ids = torch.randint(0, 128, (2, 11))
     assert torch.equal(logits(fresh, ids), logits(ours, ids))
     again = load_model(tmp_path / "base", quantize="nf4", compute_dtype=torch.float32, device="cpu")
-    add_lora(again, r=8, alpha=1, targets=["q_proj", "down_proj"])
-    load_adapter(again, tmp_path / "adapter")  # the adapter's alpha replaces the model's
-    assert again.lora_config.alpha == 32 and torch.equal(logits(again, ids), logits(ours, ids))
+    add_lora(again, r=8, alpha=32, targets=["q_proj", "down_proj"])
+    load_adapter(again, tmp_path / "adapter")
+    assert torch.equal(logits(again, ids), logits(ours, ids))
+
+
+def test_adapter_with_another_alpha_than_the_models_lora_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "base")
+    ours = add_lora(load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu"), r=4, alpha=16)
+    save_adapter(ours, tmp_path / "adapter")
+    other = add_lora(load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    with pytest.raises(QLoRAError, match="alpha=16.*alpha=8"):
+        load_adapter(other, tmp_path / "adapter")
+    assert all(m.scaling == 8 / 4 for _, m in lora_layers(other))
 
 
 def test_save_adapter_leaves_nothing_when_interrupted(tmp_path, tiny, monkeypatch):
