@@ -93,21 +93,21 @@ def target_count(batch: dict) -> int:
 
 
 def auto_max_tokens(model) -> int:
-    """The default token budget of a packed micro-batch: activations of about 0.3 of the base's own storage.
+    """The default token budget of a packed micro-batch: activations of about 0.36 of the base's own storage.
 
     With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer,
     plus the working set of the one layer being recomputed (about 8 hidden-sized and 4 intermediate-sized
-    tensors). At the Llama-2-7B shape that is about 2,800 tokens for 1.2 GB, which keeps the seed job's
-    peak below that of transformers + peft running it as 16 micro-batches of 2 (benchmarks/README.md).
-    The budget stays between 2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense
-    masked matrix, whose cost grows with the square of the micro-batch.
+    tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so the seed's steps of about 5,700 tokens
+    go as two micro-batches, with a peak below that of transformers + peft running the seed's 16 micro-batches
+    of 2 (measured: benchmarks/README.md). The budget stays between 2,048 and 16,384 tokens. On the CPU it is
+    1,024: there packed attention is a dense masked matrix, whose cost grows with the square of the micro-batch.
     """
     if not model.lm_head.weight.is_cuda:
         return 1024
     cfg = model.config
     per_token = 2 * (cfg.hidden_size * (cfg.num_hidden_layers + 8) + 4 * cfg.intermediate_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(min(max(0.3 * weights / per_token, 2048), 16384))
+    return int(min(max(0.36 * weights / per_token, 2048), 16384))
 
 
 def micro_batches(examples, indices: list[int], max_tokens: int) -> list[dict]:

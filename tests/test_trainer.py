@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import fake_hub_cache, need_shared, write_checkpoint
 from qlora_core import QLoRAError, load_model
 from qlora_core.builtin import builtin_model_dir
-from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
+from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, add_targets, collate
 from qlora_core.lora import add_lora
 from qlora_core.lora import lora_state_dict
 from qlora_core.optim import linear_schedule, make_optimizer
@@ -153,6 +153,7 @@ def test_loss_ignores_prompt_positions_and_counts_outputs(tmp_path):
     changed = {**batch, "labels": batch["labels"].clone()}
     row, col = (changed["labels"] != IGNORE_INDEX).nonzero()[0].tolist()
     changed["labels"][row, col] = (changed["labels"][row, col] + 1) % 128
+    changed = add_targets(changed)
     with torch.no_grad():
         assert loss_sum(model, changed).item() != pytest.approx(loss.item(), rel=1e-6)
 
@@ -188,7 +189,8 @@ def test_steps_group_lengths_as_transformers_length_grouped_sampler(n, batch_siz
         assert [sorted(lengths[i] for i in s) for s in ours] == [sorted(lengths[i] for i in s) for s in hf_steps]
 
 
-def test_train_cuts_each_step_into_micro_batches_in_order(tmp_path, monkeypatch):
+def test_train_packs_each_step_s_records(tmp_path, monkeypatch):
+    """Each optimizer step's micro-batches hold exactly the records BatchStream gives that step, each once."""
     from qlora_core import trainer
     torch.manual_seed(0)
     random.seed(0)
@@ -197,19 +199,21 @@ def test_train_cuts_each_step_into_micro_batches_in_order(tmp_path, monkeypatch)
     seen, real = [], trainer.accumulate_gradients
 
     def recording(model, batches, *args):
-        seen.append([b["input_ids"].tolist() for b in batches])
+        records = []
+        for b in batches:
+            ids, cu = b["input_ids"][0].tolist(), b["cu_seqlens"].tolist()
+            records += [ids[start:end] for start, end in zip(cu, cu[1:])]
+        seen.append(sorted(records))
         return real(model, batches, *args)
 
     monkeypatch.setattr(trainer, "accumulate_gradients", recording)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=3, eval_every=0,
-                      save_every=0, optim="adamw")
+                      save_every=0, optim="adamw", max_tokens=24)
     train(model, examples, 0, cfg)
     stream = BatchStream([len(ids) for ids, _ in examples], 2, 3, cfg.seed, True)
     assert len(seen) == 3
-    for batches in seen:
-        records = stream.next_step()
-        assert batches == [collate([examples[i] for i in records[j:j + 2]], 0)["input_ids"].tolist()
-                           for j in range(0, 6, 2)]
+    for records in seen:
+        assert records == sorted(examples[i][0] for i in stream.next_step())
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
