@@ -1,22 +1,25 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
+import copy
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from conftest import need_shared, write_checkpoint
 from qlora_core import load_model
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
 from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
+from qlora_core.util import QLoRAError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -141,14 +144,12 @@ def test_metrics_checkpoints_and_learning_curve(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "learning_curve.png").stat().st_size > 1000
 
 
-def run_train(out, *extra, wait=True):
+def run_train(out, *extra):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
            "--train-file", str(DEFAULT_TRAIN),
            *extra]
     env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache")}
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
@@ -157,28 +158,65 @@ def adapter(out):
     return load_file(out / "adapter_model.safetensors")
 
 
-def test_sigterm_then_resume_ends_with_the_same_adapter(tmp_path):
-    straight = run_train(tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
-    proc = run_train(tmp_path / "killed", wait=False)
-    deadline = time.time() + 120
-    while not (tmp_path / "killed" / "checkpoint-5").exists() and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    saved = sorted((tmp_path / "killed").glob("checkpoint-*"))
-    assert saved and not (tmp_path / "killed" / "adapter_model.safetensors").exists()
-    assert not list((tmp_path / "killed").glob(".checkpoint-*")), "a temporary checkpoint was left behind"
-    fresh = run_train(tmp_path / "killed")
-    assert fresh.returncode == 2 and "continue it with --resume" in fresh.stderr
-    resumed = run_train(tmp_path / "killed", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
-    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert steps[-1] == 20
+@contextmanager
+def sigterm_after(stop_step, snapshot_step):
+    """SIGTERM raised in this process right after optimizer step stop_step (so no timing is involved); yields a dict
+    that gets what a resumed run must continue exactly (RNG, LR, optimizer moments) right after step snapshot_step."""
+    steps, snapshot = [0], {}
+
+    def after_step(optimizer, args, kwargs):
+        steps[0] += 1
+        if steps[0] == snapshot_step:
+            snapshot["rng"] = torch.get_rng_state()
+            snapshot["lr"] = optimizer.param_groups[0]["lr"]
+            snapshot["state"] = [{k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                                 for s in optimizer.state.values()]
+        if steps[0] == stop_step:
+            signal.raise_signal(signal.SIGTERM)
+
+    handle = register_optimizer_step_post_hook(after_step)
+    try:
+        yield snapshot
+    finally:
+        handle.remove()
+
+
+def test_sigterm_then_resume_continues_exactly(tmp_path):
+    """A run stopped by SIGTERM after step 7 and resumed ends as the uninterrupted run: the optimizer moments, the
+    schedule, the RNG (LoRA dropout) and the data position continue where they were."""
+    start = lora_model(tmp_path / "m", dropout=0.1)
+    examples = random_examples(26)  # 13 micro-batches: the data wraps into a second epoch at step 7
+    cfg = lambda out, lr=1e-2: TrainConfig(output_dir=str(tmp_path / out), max_steps=12, batch_size=2,  # noqa: E731
+                                           grad_accum=2, lr=lr, save_every=5, eval_every=0, optim="adamw")
+    torch.manual_seed(0)
+    with sigterm_after(stop_step=0, snapshot_step=8) as expected:
+        assert train(copy.deepcopy(start), examples, 0, cfg("straight"))["stopped_by"] is None
+    torch.manual_seed(0)
+    with sigterm_after(stop_step=7, snapshot_step=0):
+        assert train(copy.deepcopy(start), examples, 0, cfg("killed")) == \
+            {"step": 7, "stopped_by": "SIGTERM", "adapter_dir": str(tmp_path / "killed")}
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-7"]
+    assert not (killed / "adapter_model.safetensors").exists()
+    assert not list(killed.glob(".checkpoint-*")), "a temporary checkpoint was left behind"
+    with pytest.raises(QLoRAError, match="continue it with --resume"):
+        train(copy.deepcopy(start), examples, 0, cfg("killed"))
+    with pytest.raises(QLoRAError, match="cannot resume: it was trained with lr=0.01"):
+        train(copy.deepcopy(start), examples, 0, cfg("killed", lr=2e-2),
+              resume=True)
+    torch.manual_seed(1)  # the checkpoint's RNG state must replace this one
+    with sigterm_after(stop_step=0, snapshot_step=1) as resumed:  # the first step after resuming is step 8
+        assert train(copy.deepcopy(start), examples, 0, cfg("killed"), resume=True)["step"] == 12
+    assert resumed["lr"] == expected["lr"], "the schedule did not continue"
+    assert torch.equal(resumed["rng"], expected["rng"]), "the RNG (dropout masks) did not continue"
+    assert len(resumed["state"]) == len(expected["state"])
+    for got, want in zip(resumed["state"], expected["state"]):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), "optimizer moments"
+    rows = lambda out: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+                        for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows(killed) == rows(straight)
+    a, b = adapter(straight), adapter(killed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("content, message", [
