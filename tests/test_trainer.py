@@ -12,20 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from conftest import need_shared, write_checkpoint
+from test_metrics import ByteTokenizer
+import qlora_core.trainer as trainer_module
 from qlora_core import load_model
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
-from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
+from qlora_core.metrics import perplexities
+from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, train
 from qlora_core.util import QLoRAError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def lora_model(path, dropout=0.0):
-    write_checkpoint(path, num_key_value_heads=2)
+def lora_model(path, dropout=0.0, write=True):
+    if write:
+        write_checkpoint(path, num_key_value_heads=2)
     model = load_model(path, compute_dtype=torch.float32, device="cpu")
     add_lora(model, r=4, alpha=16, dropout=dropout)
     with torch.no_grad():  # B starts at zero; random B makes every LoRA gradient non-trivial
@@ -74,6 +78,110 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
     loss_sum(model, batch).backward()
     assert len(calls) == 2, "the layer was not recomputed in the backward pass"
+    for name, g in lora_grads(model).items():
+        assert (plain[name] - g).norm() <= 1e-6 * g.norm(), name
+
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_trainer_run(ref, examples, out, cfg: TrainConfig):
+    """The same run through transformers' Trainer + peft, in the data's own order; (log rows, LoRA weights by our names)."""
+    from transformers import Trainer, TrainingArguments
+    args = TrainingArguments(output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+                             gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
+                             warmup_steps=cfg.warmup_ratio, max_grad_norm=cfg.max_grad_norm, optim="adamw_torch",
+                             weight_decay=0.0, lr_scheduler_type="linear", logging_steps=1, save_strategy="no",
+                             report_to=[], train_sampling_strategy="sequential", remove_unused_columns=False,
+                             use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=ref, args=args, train_dataset=[{"input_ids": i, "labels": lab} for i, lab in examples],
+                      data_collator=lambda rows: collate([(r["input_ids"], r["labels"]) for r in rows], 0))
+    trainer.train()
+    weights = {n.removeprefix("base_model.model.").replace(".default.", "."): p
+               for n, p in ref.named_parameters() if p.requires_grad}
+    return [r for r in trainer.state.log_history if "loss" in r], weights
+
+
+@pytest.mark.parametrize("max_steps, warmup_ratio", [(50, 0.03), (7, 0.1)])  # 1.5 and 0.7 warmup steps: HF rounds up
+def test_training_loop_equals_transformers_trainer(tmp_path, monkeypatch, max_steps, warmup_ratio):
+    """train() and transformers' Trainer + peft on the same tiny dense model, adapter and micro-batches: the same LR,
+    gradient norm (before clipping) and loss at every step, and the same adapter at the end."""
+    from peft import LoraConfig, get_peft_model
+    ref = write_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    ours = lora_model(tmp_path / "m", write=False)
+    ref = get_peft_model(ref, LoraConfig(r=4, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+    hf_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                hf_params["base_model.model." + name.replace(".weight", ".default.weight")].copy_(p)
+    examples = random_examples(24)  # 6 steps of 2 x 2 per epoch; HF starts each epoch at the same place
+    cfg = TrainConfig(output_dir=str(tmp_path / "ours"), max_steps=max_steps, batch_size=2, grad_accum=2, lr=1e-2,
+                      warmup_ratio=warmup_ratio, max_grad_norm=0.3, optim="adamw", eval_every=0, save_every=0)
+    # Our data order is a seeded permutation; HF's sequential sampler takes the records as they come: ours does too.
+    monkeypatch.setattr(trainer_module, "length_grouped_batches",
+                        lambda lengths, size, *_: [list(range(len(lengths)))[i:i + size]
+                                                   for i in range(0, len(lengths), size)])
+    used_lr = {"ours": [], "hf": []}
+    side = "ours"
+    hook = register_optimizer_step_pre_hook(lambda opt, *_: used_lr[side].append(opt.param_groups[0]["lr"]))
+    try:
+        train(ours, examples, 0, cfg)
+        side = "hf"
+        hf_rows, hf_weights = hf_trainer_run(ref, examples, tmp_path / "hf", cfg)
+    finally:
+        hook.remove()
+    rows = [json.loads(line) for line in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert len(rows) == len(hf_rows) == max_steps
+    assert used_lr["ours"] == pytest.approx(used_lr["hf"], abs=1e-12)
+    assert all(r["grad_norm"] > 2 * cfg.max_grad_norm for r in rows), "max_grad_norm must really clip"
+    for r, h in zip(rows, hf_rows):
+        assert r["grad_norm"] == pytest.approx(h["grad_norm"], rel=1e-4), r["step"]
+        assert r["loss"] == pytest.approx(h["loss"], rel=1e-5), r["step"]
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            assert (p - hf_weights[name]).abs().max() <= 1e-5, name
+
+
+def test_training_mode_survives_evaluation(tmp_path):
+    """LoRA dropout is on in every training forward, also after the evaluations (eval_loss and eval_fn)."""
+    model = lora_model(tmp_path / "m", dropout=0.1)
+    seen = []
+    dropout = model.model.layers[0].self_attn.q_proj.lora_dropout
+    dropout.register_forward_pre_hook(lambda m, _: seen.append(m.training) if torch.is_grad_enabled() else None)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=1, eval_every=1,
+                      save_every=0, optim="adamw")
+    train(model, random_examples(8), 0, cfg, eval_examples=random_examples(4),
+          eval_fn=lambda m: {"eval_perplexity": perplexities(m, ByteTokenizer(), [{"instruction": "x", "output": "y"}],
+                                                             progress=False)[0]})
+    assert seen == [True] * 3
+
+
+def test_eval_loss_is_the_mean_over_target_tokens(tmp_path):
+    model = lora_model(tmp_path).eval()
+    examples = random_examples(7)
+    with torch.no_grad():
+        total = count = 0
+        for ids, labels in examples:  # one record at a time, plain cross-entropy on the full logits
+            logits = model(torch.tensor([ids]))[0, :-1]
+            targets = torch.tensor(labels[1:])
+            total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    assert eval_loss(model, examples, 0, batch_size=3) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tmp_path):
+    """The recomputed forward must draw the same dropout masks as the first one (the RNG state is preserved)."""
+    model = lora_model(tmp_path, dropout=0.3)
+    batch = collate(random_examples(4), 0)
+    torch.manual_seed(5)
+    loss_sum(model, batch).backward()
+    plain = lora_grads(model)
+    model.zero_grad()
+    model.model.gradient_checkpointing = True
+    torch.manual_seed(5)
+    loss_sum(model, batch).backward()
     for name, g in lora_grads(model).items():
         assert (plain[name] - g).norm() <= 1e-6 * g.norm(), name
 
