@@ -1,8 +1,10 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
 import copy
+import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +23,7 @@ from qlora_core import load_model
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
 from qlora_core.metrics import perplexities
+from qlora_core.tokenizer import load_tokenizer
 from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, train
 from qlora_core.util import QLoRAError
 
@@ -344,12 +347,46 @@ def test_bad_data_exits_with_one_line(tmp_path, content, message):
     assert last.startswith("error: ") and str(bad) in last and message in last
 
 
+@pytest.fixture(scope="module")
+def train_cli():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--max-source-len", "--max-target-len"])
+def test_length_flags_cut_the_training_examples(train_cli, tmp_path, monkeypatch, flag):
+    """Each length flag of train.py cuts the examples that reach train(); the expected ids come from the tokenizer."""
+    write_checkpoint(tmp_path / "m", vocab_size=8000)
+    shutil.copy(DEFAULT_TRAIN.parent / "tokenizer.model", tmp_path / "m" / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "m")
+    source = [tok.bos_id] + tok.encode("Q: 今天天氣很好 A:")
+    target = tok.encode("今日天朗氣清") + [tok.eos_id]
+    assert len(source) > 4 and len(target) > 3
+    cut = {"--max-len": len(source) + 3, "--max-source-len": 4, "--max-target-len": 2}[flag]
+    if flag == "--max-source-len":
+        source = source[:cut]
+    if flag == "--max-target-len":
+        target = target[:cut]
+    ids, labels = source + target, [IGNORE_INDEX] * len(source) + target
+    if flag == "--max-len":
+        ids, labels = ids[:cut], labels[:cut]
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([{"instruction": "今天天氣很好", "output": "今日天朗氣清"}], ensure_ascii=False),
+                    encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(train_cli, "train", lambda model, examples, *a, **k: seen.append(examples) or
+                        {"stopped_by": None})
+    train_cli.main(["--model", str(tmp_path / "m"), "--train-file", str(data), "--template", "Q: {instruction} A:",
+                    "--quantize", "none", "--dtype", "fp32", "--device", "cpu", flag, str(cut)])
+    assert seen == [[(ids, labels)]]
+
+
 def test_training_lowers_adl_perplexity(tmp_path):
     """A tiny random model trained on 300 ADL records for 40 steps: public_test perplexity below 70% of untrained."""
     import sentencepiece as spm
-    from qlora_core import load_tokenizer
     from qlora_core.data import DataConfig, load_records, tokenize_records
-    from qlora_core.metrics import perplexities
     all_train = load_records(need_shared("data/adl-hw3/train.json"))
     train_records = all_train[:300]
     test_records = load_records(need_shared("data/adl-hw3/public_test.json"))[:50]
