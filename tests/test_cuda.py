@@ -73,8 +73,9 @@ def test_train_resume_and_infer_on_cuda(tmp_path, monkeypatch):
         train_cli.main(args + ["--output-dir", str(out)])
     assert stopped.value.code == 143 and (out / "checkpoint-6").is_dir()
     train_cli.main(args + ["--output-dir", str(out), "--resume"])
-    rows = lambda path: {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines())  # noqa: E731
-                         if "loss" in r}
+    def rows(path):
+        return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
     resumed, expected = rows(out), rows(straight)
     assert sorted(resumed) == list(range(1, 13))
     assert any("eval_perplexity" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())

@@ -54,7 +54,7 @@ def infer(*args):
 
 
 def test_greedy_with_adapter_writes_each_prompt_alone(setup, tmp_path):
-    """Each record gets the output of its own prompt decoded alone: batching sorts prompts by length, the file must not."""
+    """Each record gets the output of its own prompt decoded alone (batches sort the prompts by length)."""
     ckpt, adapter, test_file, _ = setup
     out = tmp_path / "sub" / "pred.json"
     run = infer("--model", ckpt, "--adapter", adapter, "--test-file", test_file, "--output", out,

@@ -89,7 +89,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 def hf_trainer_run(ref, examples, out, cfg: TrainConfig):
-    """The same run through transformers' Trainer + peft, in the data's own order; (log rows, LoRA weights by our names)."""
+    """The run of cfg through transformers' Trainer + peft, records in their order: (log rows, LoRA weights by our
+    parameter names)."""
     from transformers import Trainer, TrainingArguments
     args = TrainingArguments(output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
                              gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr,
@@ -373,8 +374,8 @@ def test_length_flags_cut_the_training_examples(train_cli, tmp_path, monkeypatch
     if flag == "--max-len":
         ids, labels = ids[:cut], labels[:cut]
     data = tmp_path / "train.json"
-    data.write_text(json.dumps([{"instruction": "今天天氣很好", "output": "今日天朗氣清"}], ensure_ascii=False),
-                    encoding="utf-8")
+    record = {"instruction": "今天天氣很好", "output": "今日天朗氣清"}
+    data.write_text(json.dumps([record], ensure_ascii=False), encoding="utf-8")
     seen = []
     monkeypatch.setattr(train_cli, "train", lambda model, examples, *a, **k: seen.append(examples) or
                         {"stopped_by": None})
