@@ -286,11 +286,16 @@ def sigterm_after(stop_step, snapshot_step):
         if steps[0] == stop_step:
             signal.raise_signal(signal.SIGTERM)
 
+    def unhandled(signum, frame):  # instead of killing pytest when train() does not catch the signal
+        raise AssertionError("SIGTERM reached the test: train() did not install its handler")
+
     handle = register_optimizer_step_post_hook(after_step)
+    previous = signal.signal(signal.SIGTERM, unhandled)
     try:
         yield snapshot
     finally:
         handle.remove()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_sigterm_then_resume_continues_exactly(tmp_path):
