@@ -8,13 +8,14 @@ import json
 from pathlib import Path
 
 from qlora_core.checkpoint import DTYPES, add_model_flags, load_model, resolve_model_dir
+from qlora_core.config import ModelConfig
 from qlora_core.data import load_records
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
-from qlora_core.lora import load_adapter
+from qlora_core.lora import load_adapter, read_adapter_config
 from qlora_core.metrics import perplexities
 from qlora_core.prompts import select_few_shot
 from qlora_core.tokenizer import load_tokenizer
-from qlora_core.util import QLoRAError, log, run_cli
+from qlora_core.util import QLoRAError, check_flags, log, run_cli
 
 
 def parse_args(argv=None):
@@ -62,13 +63,18 @@ def main(argv=None):
         raise QLoRAError("--prompt few-shot needs --few-shot-file")
     if args.perplexity and mode == "few-shot":
         raise QLoRAError("--perplexity scores the zero-shot template, as the course's ppl.py; drop --prompt few-shot")
-    if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_beams < 1 or args.num_shots < 1:
-        raise QLoRAError("--max-new-tokens, --batch-size, --num-beams and --num-shots must be at least 1")
+    check_flags(args, [(("max_new_tokens", "batch_size", "num_beams", "num_shots"), lambda v: v >= 1, "at least 1")])
 
     records = load_records(args.test_file, require_output=args.perplexity)
     examples = select_few_shot(load_records(args.few_shot_file), args.num_shots, args.seed) if mode == "few-shot" \
         else []
-    model_dir = resolve_model_dir(args.model)
+    if args.adapter:
+        read_adapter_config(Path(args.adapter))  # a mistyped --adapter fails before the model loads
+    model_dir = resolve_model_dir(args.model, args.revision)
+    context = ModelConfig.from_json(model_dir / "config.json").max_position_embeddings
+    if not args.perplexity and args.max_new_tokens >= context - 1:
+        raise QLoRAError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens")
     tok = load_tokenizer(model_dir)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     if args.adapter:
@@ -82,10 +88,6 @@ def main(argv=None):
         print(f"mean_perplexity: {mean}")
         return
 
-    context = model.config.max_position_embeddings
-    if args.max_new_tokens >= context - 1:
-        raise QLoRAError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt in the model's "
-                         f"context of {context} tokens")
     prompts = build_prompts(tok, [r["instruction"] for r in records], mode, examples,
                             max_prompt_len=context - args.max_new_tokens)
     texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,

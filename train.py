@@ -13,15 +13,15 @@ import torch
 
 from qlora_core import load_model, load_tokenizer
 from qlora_core.builtin import builtin_model_dir
-from qlora_core.checkpoint import DTYPES, add_model_flags
+from qlora_core.checkpoint import DTYPES, add_model_flags, resolve_model_dir
 from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
-from qlora_core.lora import add_lora, parameter_summary
+from qlora_core.lora import add_lora, parameter_summary, target_names
 from qlora_core.metrics import perplexities
 from qlora_core.optim import OPTIMIZERS
 from qlora_core.prompts import DEFAULT_TEMPLATE
 from qlora_core.tokenizer import padding_id
 from qlora_core.trainer import TrainConfig, train
-from qlora_core.util import QLoRAError, log, run_cli
+from qlora_core.util import QLoRAError, check_flags, log, run_cli
 
 
 def parse_args(argv=None):
@@ -37,10 +37,14 @@ def parse_args(argv=None):
                    "and the final adapter go (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=t.max_steps, help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=t.batch_size,
-                   help="examples per micro-batch (default: %(default)s)")
+                   help="examples per micro-batch as the seed counted them (default: %(default)s)")
     p.add_argument("--grad-accum", type=int, default=t.grad_accum,
-                   help="micro-batches per optimizer step; the effective batch is batch-size x grad-accum "
-                   "(default: %(default)s)")
+                   help="micro-batches per optimizer step: a step covers batch-size x grad-accum examples, and its "
+                   "gradient is the mean token loss over all of them (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=t.max_tokens,
+                   help="how a step's examples reach the GPU: packed without padding into micro-batches of at most "
+                   "this many tokens; the same gradient for any value (default: picked from the model's size, "
+                   "see qlora_core.trainer.auto_max_tokens)")
     p.add_argument("--lr", type=float, default=t.lr, help="peak learning rate (default: %(default)s)")
     p.add_argument("--warmup-ratio", type=float, default=t.warmup_ratio,
                    help="fraction of steps of linear warmup, then linear decay to 0 (default: %(default)s)")
@@ -74,35 +78,51 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+FLAG_RULES = [
+    (("max_steps", "batch_size", "grad_accum", "lora_r", "max_len", "max_source_len", "max_target_len"),
+     lambda v: v >= 1, "at least 1"),
+    (("eval_every", "save_every"), lambda v: v >= 0, "at least 0"),
+    (("max_tokens",), lambda v: v is None or v >= 1, "at least 1"),
+    (("lr", "max_grad_norm", "lora_alpha"), lambda v: v > 0, "positive"),
+    (("warmup_ratio",), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("lora_dropout",), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+]
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_flags(args, FLAG_RULES)
+    targets = target_names(args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(","))
+    if "{instruction}" not in args.template:
+        raise QLoRAError("--template has no {instruction} field")
+    if args.revision and not args.model:
+        raise QLoRAError("--revision needs --model with a hub repo id")
+
     defaults = args.train_file is None
-    model_path = args.model or builtin_model_dir()
-    if args.model is None:
-        log(f"no --model: using the built-in demo model (tiny, random weights) at {model_path}")
     train_file = args.train_file or DEFAULT_TRAIN
     eval_file = args.eval_file or (DEFAULT_EVAL if defaults else None)
-    data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
-                          max_target_len=args.max_target_len, max_len=args.max_len)
-    cfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
-                      max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
-                      save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing)
-    if min(cfg.max_steps, cfg.batch_size, cfg.grad_accum) < 1:
-        raise QLoRAError("--max-steps, --batch-size and --grad-accum must be at least 1")
-
-    tok = load_tokenizer(model_path)
     train_records = load_records(train_file)
     eval_records = load_records(eval_file) if eval_file else None
-    model = load_model(model_path, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
-    torch.manual_seed(args.seed)
-    targets = "all-linear" if args.lora_targets == "all-linear" else args.lora_targets.split(",")
-    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
-    log(parameter_summary(model))
-
+    model_dir = resolve_model_dir(args.model, args.revision) if args.model else builtin_model_dir()
+    if args.model is None:
+        log(f"no --model: using the built-in demo model (tiny, random weights) at {model_dir}")
+    data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
+                          max_target_len=args.max_target_len, max_len=args.max_len)
+    tok = load_tokenizer(model_dir)
     pad_id = padding_id(tok)
     train_examples = tokenize_records(tok, train_records, data_cfg)
     eval_examples = tokenize_records(tok, eval_records, data_cfg) if eval_records else None
+
+    cfg = TrainConfig(output_dir=args.output_dir, max_steps=args.max_steps, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                      max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
+                      save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                      max_tokens=args.max_tokens)
+    model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
+    model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
+    torch.manual_seed(args.seed)
+    add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+    log(parameter_summary(model))
 
     def eval_fn(m):
         ppl = perplexities(m, tok, eval_records, template=args.template, batch_size=cfg.eval_batch_size,

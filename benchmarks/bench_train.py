@@ -10,8 +10,19 @@ the float32 cast and autocast: every non-4-bit weight stays bf16). `ours/<key>` 
 
     python benchmarks/bench_train.py --preset llama-2-7b --layers 32 --out train.json        # on a GPU
     python benchmarks/bench_train.py --preset tiny --device cpu --steps 1 --grad-accum 2 --seq-len 64   # smoke
+
+`--workload adl` is the seed's job instead: each optimizer step is 32 records whose Llama-2 token counts are
+drawn (fixed seed) from ../shared/data/adl-hw3/train_llama2_lengths.json, random token ids, the output tokens
+labelled. Rows: ours (defaults: packed token-budget micro-batches), hf-seed (the transformers stack as the seed ran
+it, 16 x 2 right-padded under bf16 autocast) and hf-best (the same stack, the 32 records as one padded batch).
+
+    python benchmarks/bench_train.py --workload adl --out benchmarks/results/seed_job.json --memory-profile DIR
+    python benchmarks/bench_train.py --workload adl --preset tiny --device cpu --steps 1 --warmup-steps 0   # smoke
 """
 import contextlib
+import json
+import random
+from pathlib import Path
 
 import torch
 
@@ -21,6 +32,22 @@ from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_ti
 from qlora_core.data import IGNORE_INDEX, collate  # after common, which puts the repo on sys.path
 
 IMPLS = ("ours", "hf", "hf-nocast")
+ADL_IMPLS = ("ours", "hf-seed", "hf-best")
+LENGTHS = Path(__file__).resolve().parents[2] / "shared" / "data" / "adl-hw3" / "train_llama2_lengths.json"
+
+
+def adl_steps(n_steps: int, records: int, lengths_file, vocab: int, seed: int = 0) -> list[list[tuple]]:
+    """n_steps lists of `records` (input_ids, labels) examples with the ADL records' prompt and output lengths."""
+    lengths = json.loads(Path(lengths_file).read_text())
+    rng = random.Random(seed)
+    steps = []
+    for _ in range(n_steps):
+        step = []
+        for prompt, output in rng.sample(lengths, records):
+            ids = [1] + [rng.randrange(3, vocab) for _ in range(prompt + output - 1)]
+            step.append((ids, [IGNORE_INDEX] * prompt + ids[prompt:]))
+        steps.append(step)
+    return steps
 
 
 def make_batches(n: int, batch_size: int, seq_len: int, prompt_len: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -150,6 +177,84 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
     return row
 
 
+def run_adl(impl: str, model_dir, device, args, steps) -> dict:
+    """One row of the seed's job: load the stack, warm up, time optimizer steps over the ADL-shaped records."""
+    from qlora_core.trainer import auto_max_tokens, micro_batches
+
+    log(f"{impl}: loading")
+    free_memory(device)
+    if impl == "ours":
+        model, params, optimizer = load_ours(model_dir, device, args)
+        max_tokens = args.max_tokens or auto_max_tokens(model)
+    else:
+        model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=True)
+    weights_gib = allocated_gib(device)
+    it, losses, shapes = iter(steps), [], []
+
+    def step():
+        records = next(it)
+        if impl == "ours":
+            batches = micro_batches(records, list(range(len(records))), max_tokens)
+            losses.append(train_step_ours(model, params, optimizer, batches, device))
+        else:
+            size = 2 if impl == "hf-seed" else len(records)
+            batches = [collate(records[i:i + size], 0) for i in range(0, len(records), size)]
+            losses.append(train_step_hf(model, params, optimizer, batches, device, autocast=True))
+        shapes.append([tuple(b["input_ids"].shape) for b in batches])
+
+    reset_peak(device)
+    timing = measure(step, args.warmup_steps, args.steps, device)
+    tokens = sum(len(ids) for records in steps[args.warmup_steps:args.warmup_steps + args.steps]
+                 for ids, _ in records) / args.steps
+    row = {"impl": impl, "step_s": timing["median_s"], "tokens_per_s": tokens / timing["median_s"],
+           **peak_gib(device), "weights_gib": weights_gib, "first_loss": losses[0],
+           "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
+    if impl == "ours":
+        row["max_tokens"] = max_tokens
+        try:  # a failure in a profiler leaves the timed row standing
+            if args.memory_profile and torch.device(device).type == "cuda":
+                from qlora_core.memprofile import MemoryProfile
+                with MemoryProfile(args.memory_profile, model, optimizer):
+                    step()
+            if args.profile:
+                profile_step(step, f"{args.profile}/profile_{impl}.txt")
+        except Exception as e:
+            log(f"{impl}: profiling failed: {type(e).__name__}: {e}")
+            row["profile_error"] = f"{type(e).__name__}: {e}"
+    del model, params, optimizer, it, step
+    free_memory(device)
+    log(f"{impl}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
+    return row
+
+
+def main_adl(args):
+    impls = [i for i in args.impls.split(",") if i] if args.impls != ",".join(IMPLS) else list(ADL_IMPLS)
+    impls, cfg, model_dir = setup(argparse_namespace(args, impls), ADL_IMPLS)
+    n = args.warmup_steps + args.steps + bool(args.profile) + bool(args.memory_profile)
+    steps = adl_steps(n, args.batch_size * args.grad_accum, args.lengths, cfg.vocab_size)
+    rows = []
+    for impl in impls:
+        try:
+            rows.append(run_adl(impl, model_dir, args.device, args, steps))
+        except Exception as e:  # one side failing still leaves the others' numbers
+            log(f"{impl}: failed: {type(e).__name__}: {e}")
+            rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
+        free_memory(args.device)
+    for r in rows:
+        ours = rows[0] if rows[0]["impl"] == "ours" and "error" not in rows[0] else None
+        if ours and "error" not in r:
+            r["speedup_vs_this"] = r["step_s"] / ours["step_s"]
+            r["ours_peak_over_this"] = ours["peak_alloc_gib"] / r["peak_alloc_gib"] if r["peak_alloc_gib"] else None
+    report(args, rows, ["impl", "step_s", "tokens_per_s", "peak_alloc_gib", "micro_batches", "first_loss",
+                        "speedup_vs_this", "ours_peak_over_this"], cfg, model_dir, "seed_job")
+
+
+def argparse_namespace(args, impls):
+    """args with --impls set to the chosen ones, for setup()."""
+    args.impls = ",".join(impls)
+    return args
+
+
 def main():
     ap = base_parser(__doc__, IMPLS)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -161,7 +266,16 @@ def main():
     ap.add_argument("--profile", metavar="DIR", help="also profile one more step of each impl into DIR/profile_IMPL.txt")
     ap.add_argument("--no-hf-autocast", dest="hf_autocast", action="store_false",
                     help="run the hf row without bf16 autocast")
+    ap.add_argument("--workload", choices=["synthetic", "adl"], default="synthetic",
+                    help="adl: the seed's job (32 records of ADL lengths a step; rows ours, hf-seed, hf-best)")
+    ap.add_argument("--lengths", default=str(LENGTHS), help="the ADL token counts (--workload adl)")
+    ap.add_argument("--max-tokens", type=int, help="ours' packed micro-batch budget (default: auto_max_tokens)")
+    ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")
     args = ap.parse_args()
+    if args.workload == "adl":
+        if args.grad_accum == 4 and args.batch_size == 2:  # the synthetic defaults: take the seed's 16 x 2
+            args.grad_accum = 16
+        return main_adl(args)
 
     impls, cfg, model_dir = setup(args, IMPLS)
     batches = make_batches((args.warmup_steps + args.steps + bool(args.profile)) * args.grad_accum, args.batch_size, args.seq_len,

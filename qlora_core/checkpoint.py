@@ -1,4 +1,5 @@
 """Loading a Hugging Face LLaMA-family checkpoint into our model, dense or quantized to NF4 on the way."""
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -9,9 +10,12 @@ from .model import LlamaForCausalLM, rope_inv_freq
 from .quant import PROJECTIONS, nf4_linear
 from .util import QLoRAError, log, read_json_object
 
-HUB_FILES = ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
-             "model-*.safetensors", "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.model",
-             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
+HUB_FILES = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+             "special_tokens_map.json"]
+"""What a hub download fetches besides the weights."""
+HUB_WEIGHTS = {"safetensors": ["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"],
+               "bin": ["pytorch_model*.bin", "pytorch_model.bin.index.json"]}
+"""The weight files of each format; a download takes one format, safetensors when the repository has it."""
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 """Compute dtypes by the names the command lines take."""
@@ -19,8 +23,8 @@ IGNORED_KEYS = ("rotary_emb.inv_freq",)
 """Buffers that some old checkpoints store and that the model recomputes."""
 
 
-def resolve_model_dir(path_or_id: str | Path) -> Path:
-    """A local directory as it is, or a hub repo id downloaded (config, weights, tokenizer only)."""
+def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
+    """A local directory as it is, or a hub repo id (at a branch, tag or commit) downloaded to its local snapshot."""
     path = Path(path_or_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -29,12 +33,27 @@ def resolve_model_dir(path_or_id: str | Path) -> Path:
     repo_id = str(path_or_id)
     if repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
         raise QLoRAError(f"{repo_id}: no such directory, and not a hub repo id of the form owner/name")
-    from huggingface_hub import snapshot_download
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES))
+        return download_model(repo_id, revision)
     except Exception as e:  # offline, unknown repo, gated repo, network errors: all say the same to a user
         raise QLoRAError(f"{repo_id}: could not get this model from the Hugging Face hub and it is not a local "
                          f"directory ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def download_model(repo_id: str, revision: str | None) -> Path:
+    """Download config, tokenizer and one weight format, safetensors when the repository has them.
+
+    With HF_HUB_OFFLINE set, the snapshot already in the cache, with the weights an earlier download fetched.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.utils import OfflineModeIsEnabled
+    try:
+        files = HfApi().list_repo_files(repo_id, revision=revision)
+    except OfflineModeIsEnabled:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
+    safetensors = any(fnmatch(f, pattern) for f in files for pattern in HUB_WEIGHTS["safetensors"])
+    weights = HUB_WEIGHTS["safetensors" if safetensors else "bin"]
+    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES + weights))
 
 
 def weight_shards(model_dir: Path) -> list[Path]:
@@ -73,12 +92,14 @@ def iter_tensors(shard: Path):
 
 
 def add_model_flags(parser) -> None:
-    """The flags of train.py and infer.py that say how to load the base model: --quantize, --dtype, --device."""
+    """The flags of train.py and infer.py that say how to load the base model: --quantize, --dtype, --device,
+    --revision."""
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
                         help="store the base's projections in 4-bit NF4 with double quantization "
                         "(default: %(default)s)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
     parser.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--revision", help="branch, tag or commit of a hub --model (default: its default branch)")
 
 
 def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype = torch.bfloat16,

@@ -5,6 +5,7 @@ from pathlib import Path
 from .util import QLoRAError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ModelConfig:
     rope_scaling: dict | None = None
     """None, or {"rope_type": "linear" | "llama3", "factor": ..., ...} as in config.json."""
     max_position_embeddings: int = 4096
+    sliding_window: int | None = None
+    """Mistral's attention window; longer sequences are refused (only full attention is implemented)."""
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -41,6 +44,14 @@ class ModelConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise QLoRAError(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
                              f"num_key_value_heads ({self.num_key_value_heads})")
+        if self.rope_type not in ROPE_TYPES:
+            raise QLoRAError(f"rope_scaling type {self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+
+    @property
+    def rope_type(self) -> str:
+        """The rope_scaling kind; "default" for none."""
+        scaling = self.rope_scaling or {}
+        return scaling.get("rope_type", scaling.get("type", "default"))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
@@ -69,14 +80,18 @@ class ModelConfig:
                              f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
         if d.get("hidden_act", "silu") != "silu":
             raise QLoRAError(f"{path}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except QLoRAError as e:
+            raise QLoRAError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict:
         """The config.json of this model, in the layout transformers reads."""
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         d = {**self.extra, **d, "hidden_act": "silu", "architectures": ["LlamaForCausalLM"]}
-        if d["rope_scaling"] is None:
-            del d["rope_scaling"]
+        for key in ("rope_scaling", "sliding_window"):
+            if d[key] is None:
+                del d[key]
         return d
 
 

@@ -109,6 +109,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     """Right-pad (input_ids, labels) pairs into one batch.
 
     input_ids are padded with `pad_id` and labels with IGNORE_INDEX; attention_mask is 1 on tokens, 0 on padding.
+    Also the loss's targets, as `add_targets` gives them.
     """
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -118,7 +119,59 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return add_targets({"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask})
+
+
+def pack(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of examples grouped into micro-batches of at most max_tokens tokens, with no padding.
+
+    First-fit decreasing: the longest example first, each into the first micro-batch with room. An example longer
+    than max_tokens gets a micro-batch of its own. Deterministic, so a resumed run packs a step the same way.
+    """
+    bins, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = next((k for k, r in enumerate(room) if r >= lengths[i]), None)
+        if k is None:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+        else:
+            bins[k].append(i)
+            room[k] -= lengths[i]
+    return bins
+
+
+def collate_packed(examples: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) pairs laid end to end in one row, for the model's packed attention (cu_seqlens).
+
+    position_ids restart at 0 for each example; labels keep IGNORE_INDEX on prompts. Also the loss's targets.
+    """
+    lengths = [len(ids) for ids, _ in examples]
+    batch = {
+        "input_ids": torch.tensor([t for ids, _ in examples for t in ids], dtype=torch.long)[None],
+        "labels": torch.tensor([t for _, lab in examples for t in lab], dtype=torch.long)[None],
+        "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
+        "cu_seqlens": torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+    }
+    return add_targets(batch)
+
+
+def add_targets(batch: dict) -> dict:
+    """Add the positions the loss counts: position j predicts token j + 1 of its own example.
+
+    target_index: flat positions into [batch * seq] whose next token is labelled; target_ids: those tokens;
+    target_row: the example each belongs to (a row of a padded batch, or an example of a packed one).
+    Computed on the CPU from the labels, so the forward pass needs no device-to-host copy to find them.
+    """
+    labels = batch["labels"]
+    follows = torch.full_like(labels, IGNORE_INDEX)
+    follows[:, :-1] = labels[:, 1:]
+    if "cu_seqlens" in batch:
+        follows[0, batch["cu_seqlens"][1:].long() - 1] = IGNORE_INDEX  # the last token of an example predicts nothing
+        example = torch.repeat_interleave(batch["cu_seqlens"].diff().long())
+    else:
+        example = torch.arange(labels.shape[0]).repeat_interleave(labels.shape[1])
+    index = (follows.flatten() != IGNORE_INDEX).nonzero()[:, 0]
+    return {**batch, "target_index": index, "target_ids": follows.flatten()[index], "target_row": example[index]}
 
 
 def length_grouped_batches(
@@ -126,21 +179,19 @@ def length_grouped_batches(
 ) -> list[list[int]]:
     """The batches of one epoch, as lists of example indices; every index appears once, the last batch may be short.
 
-    The order is a random permutation from a torch.Generator seeded with `seed + epoch` (as
-    DistributedSampler seeds it). Without grouping it is cut into batches as it is. With grouping it follows HF's
-    LengthGroupedSampler: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
-    batches (at least 1), sort each megabatch by length, longest first, and cut it into batches.
-    The megabatch order is kept, and the first batch of the megabatch holding the longest example
-    trades places with the first batch of all, so an out-of-memory error shows at the first step
-    (HF swaps the single longest example; swapping its whole batch keeps batches of similar length).
+    The trainer's batch here is an optimizer step's records (batch_size x grad_accum), the unit transformers'
+    Trainer gives its LengthGroupedSampler. The order is a random permutation from a torch.Generator seeded with
+    `seed + epoch` (as DistributedSampler seeds it). Without grouping it is cut into batches as it is. With grouping
+    it is HF's get_length_grouped_indices: cut the permutation into megabatches of `min(n // (4 * batch_size), 50)`
+    batches (at least 1), sort each megabatch by length, longest first, and swap the longest example of all with
+    the first one, so an out-of-memory error shows at the first step.
     """
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(len(lengths), generator=generator).tolist()
-    if not group_by_length or not order:
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    mega = max(min(len(lengths) // (4 * batch_size), 50), 1) * batch_size
-    megabatches = [sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
-    batches = [[m[i : i + batch_size] for i in range(0, len(m), batch_size)] for m in megabatches]
-    longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
-    batches[0][0], batches[longest][0] = batches[longest][0], batches[0][0]
-    return [batch for mb in batches for batch in mb]
+    if group_by_length and order:
+        mega = max(min(len(lengths) // (4 * batch_size), 50), 1) * batch_size
+        megabatches = [sorted(order[i : i + mega], key=lambda j: -lengths[j]) for i in range(0, len(order), mega)]
+        longest = max(range(len(megabatches)), key=lambda k: lengths[megabatches[k][0]])
+        megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+        order = [i for m in megabatches for i in m]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]

@@ -1,9 +1,10 @@
 """The ADL 2023 HW3 perplexity (the course's ppl.py), batched."""
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from .data import IGNORE_INDEX, collate, encode_example
+from .data import collate, encode_example
 from .prompts import DEFAULT_TEMPLATE
 from .util import QLoRAError
 
@@ -45,18 +46,35 @@ def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLA
     return values
 
 
-def target_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 NLL of each target token, the batch row it belongs to) for a right-padded batch from collate.
+LOGITS_PER_CHUNK = 2 ** 24
+"""lm_head runs on at most this many (target, vocab) logits at a time: 64 MiB in float32."""
 
-    Right padding needs no attention mask: causal attention already keeps real tokens from seeing it. lm_head runs
-    only on the positions whose next token is a target, which saves most of its time and memory.
+
+def target_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 NLL of each target token, the example it belongs to) for a batch from collate or collate_packed.
+
+    Right padding needs no attention mask: causal attention already keeps real tokens from seeing it; packed
+    examples get block-diagonal attention from cu_seqlens. lm_head runs only on the positions whose next token
+    is a target, a chunk at a time, and in training each chunk's logits are recomputed in backward rather than
+    kept, so the loss never holds more than one chunk of logits.
     """
     device = model.lm_head.weight.device
-    hidden = model.model(batch["input_ids"].to(device))[:, :-1]
-    labels = batch["labels"][:, 1:].to(device)  # position j predicts token j + 1
-    targets = labels != IGNORE_INDEX
-    nll = F.cross_entropy(model.lm_head(hidden[targets]).float(), labels[targets], reduction="none")
-    return nll, targets.nonzero()[:, 0]
+    hidden = model.model(batch["input_ids"].to(device), batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
+    hidden = hidden.flatten(0, 1).index_select(0, batch["target_index"].to(device, non_blocking=True))
+    labels = batch["target_ids"].to(device, non_blocking=True)
+    rows = max(1, LOGITS_PER_CHUNK // model.lm_head.weight.shape[0])
+    parts = []
+    for h, y in zip(hidden.split(rows), labels.split(rows)):
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(checkpoint(head_nll, model.lm_head, h, y, use_reentrant=False))
+        else:
+            parts.append(head_nll(model.lm_head, h, y))
+    nll = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return nll, batch["target_row"].to(device, non_blocking=True)
+
+
+def head_nll(lm_head, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float(), labels, reduction="none")
 
 
 def batch_perplexity(model, examples: list[tuple[list[int], list[int]]], device) -> list[float]:

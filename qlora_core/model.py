@@ -6,6 +6,7 @@ key for key and LoRA adapters get peft's key names. Attention goes through
 decode step has a fixed shape that a CUDA graph can capture.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,17 +14,23 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .lora import project
+from .util import QLoRAError
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.10
+    varlen_attn = None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with linear or llama3 scaling applied."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":
+    scaling = cfg.rope_scaling
+    if cfg.rope_type == "linear":
         return inv_freq / scaling["factor"]
-    if kind == "llama3":
+    if cfg.rope_type == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -32,8 +39,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
-    if kind != "default":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (default, linear, llama3)")
     return inv_freq
 
 
@@ -45,8 +50,8 @@ def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torc
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_dim] in the rotate-half layout of Hugging Face checkpoints."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotate x [batch, seq, heads, head_dim] in the rotate-half layout of Hugging Face checkpoints."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -78,6 +83,26 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+@dataclass
+class Packed:
+    """Records laid end to end in one row of a batch of one, as flash attention's variable-length kernel takes them.
+
+    cu_seqlens [records + 1] (int32) holds where each record starts and, last, the row's length. Each record
+    attends causally to itself alone.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+
+def packed_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """The same attention as a [length, length] boolean mask (True = attend): block-diagonal and causal."""
+    record = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1, device=cu_seqlens.device),
+                                     cu_seqlens.diff().long(), output_size=length)
+    causal = torch.ones(length, length, dtype=torch.bool, device=cu_seqlens.device).tril()
+    return causal & (record[:, None] == record[None, :])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,17 +116,33 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, input_pos):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(b, t, self.n_kv, self.head_dim), cos, sin)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        if isinstance(mask, Packed):
+            y = packed_attention(q[0], k[0], v[0].contiguous(), mask)
+            return project(y.reshape(b, t, -1), self.o_proj)[0]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return project(y.transpose(1, 2).reshape(b, t, -1), self.o_proj)[0]
+
+
+def packed_attention(q, k, v, packed: Packed) -> torch.Tensor:
+    """Causal attention within each packed record through flash attention's variable-length kernel.
+
+    q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]; returns [tokens, heads, head_dim].
+    """
+    if k.shape[1] != q.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    cu = packed.cu_seqlens
+    return varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, window_size=(-1, 0))
 
 
 class MLP(nn.Module):
@@ -112,7 +153,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return project(F.silu(gate) * up, self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -137,21 +179,35 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        self.sliding_window = cfg.sliding_window
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
         x = self.embed_tokens(input_ids)
         mask = None
+        if cu_seqlens is not None:  # packed records: see Packed
+            if input_ids.shape[0] != 1 or attention_mask is not None or input_pos is not None:
+                raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
+            lengths = cu_seqlens.diff()
+            if position_ids is None:
+                position_ids = torch.cat([torch.arange(n, device=x.device) for n in lengths.tolist()])[None]
+            if x.is_cuda and varlen_attn is not None:
+                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), int(lengths.max()))
+            else:
+                mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])
         cache = self.layers[0].self_attn.kv_cache
         if cache is not None and input_pos is None:
             raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
+        kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
+        if self.sliding_window is not None and kv_len > self.sliding_window:
+            raise QLoRAError(f"{kv_len} positions (prompt and new tokens, or a training example) exceed the model's "
+                             f"sliding_window of {self.sliding_window}; sliding-window attention is not implemented")
         if input_pos is not None or attention_mask is not None:
             pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)
-            kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
             mask = attention_bias_mask(pos, kv_len, attention_mask)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), x.dtype)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
@@ -196,13 +252,14 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
         """Logits [batch, seq, vocab].
 
         attention_mask: [batch, seq] with 1 on real tokens (or [batch, cache_len] when decoding with a cache).
         input_pos: [seq] cache slots that these tokens fill; only with a cache from `setup_cache`.
+        cu_seqlens: records packed end to end in one row (see Packed); positions restart at each record.
         """
-        return self.lm_head(self.model(input_ids, position_ids, attention_mask, input_pos))
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, input_pos, cu_seqlens))
 
     def setup_cache(self, batch: int, max_len: int):
         """Give every attention layer a preallocated KV cache of max_len slots."""

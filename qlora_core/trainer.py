@@ -5,6 +5,7 @@ to continue along the same trajectory (adapter, optimizer, schedule, RNG states,
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
 import json
+import math
 import os
 import random
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import IGNORE_INDEX, collate, length_grouped_batches
+from .data import collate, collate_packed, length_grouped_batches, pack
 from .lora import load_adapter, save_adapter
 from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
@@ -45,43 +46,74 @@ class TrainConfig:
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
-    """Batch examples of similar length together, as the seed's Trainer (group_by_length) did."""
+    """Give each optimizer step records of similar length, as the seed's Trainer (group_by_length) did."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
+    max_tokens: int | None = None
+    """Tokens per packed micro-batch; None picks a budget from the model's size (see auto_max_tokens)."""
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
-RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "seed", "optim",
-                 "group_by_length")
+RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "max_grad_norm", "weight_decay",
+                 "seed", "optim", "group_by_length")
 
 
 class BatchStream:
-    """Micro-batches of example indices, epoch after epoch, with a position that a checkpoint can hold."""
+    """The records of each optimizer step, epoch after epoch, with a position that a checkpoint can hold.
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
-        self.lengths, self.batch_size, self.seed, self.group = lengths, batch_size, seed, group_by_length
+    A step holds batch_size x grad_accum records (the last step of an epoch may hold fewer); with grouping they
+    have similar lengths, as in transformers' Trainer, which groups by this effective batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool):
+        self.lengths, self.step_size, self.seed = lengths, batch_size * grad_accum, seed
+        self.group = group_by_length
         self.epoch, self.index = 0, 0
-        self._batches = None
+        self._steps = None
 
-    def next(self) -> list[int]:
-        if self._batches is None:
-            self._batches = length_grouped_batches(self.lengths, self.batch_size, self.seed, self.epoch, self.group)
-        if self.index == len(self._batches):
-            self.epoch, self.index, self._batches = self.epoch + 1, 0, None
-            return self.next()
+    def next_step(self) -> list[int]:
+        if self._steps is None:
+            self._steps = length_grouped_batches(self.lengths, self.step_size, self.seed, self.epoch, self.group)
+        if self.index == len(self._steps):
+            self.epoch, self.index, self._steps = self.epoch + 1, 0, None
+            return self.next_step()
         self.index += 1
-        return self._batches[self.index - 1]
+        return self._steps[self.index - 1]
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}
 
     def load(self, state: dict):
-        self.epoch, self.index, self._batches = state["epoch"], state["index"], None
+        self.epoch, self.index, self._steps = state["epoch"], state["index"], None
 
 
 def target_count(batch: dict) -> int:
     """Tokens the loss counts in a batch: labelled positions after the shift by one."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return len(batch["target_ids"])
+
+
+def auto_max_tokens(model) -> int:
+    """The default token budget of a packed micro-batch: activations of about 0.3 of the base's own storage.
+
+    With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer,
+    plus the working set of the one layer being recomputed (about 8 hidden-sized and 4 intermediate-sized
+    tensors). At the Llama-2-7B shape that is about 2,800 tokens for 1.2 GB, which keeps the seed job's
+    peak below that of transformers + peft running it as 16 micro-batches of 2 (benchmarks/README.md).
+    The budget stays between 2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense
+    masked matrix, whose cost grows with the square of the micro-batch.
+    """
+    if not model.lm_head.weight.is_cuda:
+        return 1024
+    cfg = model.config
+    per_token = 2 * (cfg.hidden_size * (cfg.num_hidden_layers + 8) + 4 * cfg.intermediate_size)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return int(min(max(0.3 * weights / per_token, 2048), 16384))
+
+
+def micro_batches(examples, indices: list[int], max_tokens: int) -> list[dict]:
+    """The examples of one optimizer step, packed without padding into micro-batches of at most max_tokens."""
+    bins = pack([len(examples[i][0]) for i in indices], max_tokens)
+    return [collate_packed([examples[indices[j]] for j in b]) for b in bins]
 
 
 def loss_sum(model, batch: dict) -> torch.Tensor:
@@ -99,11 +131,12 @@ def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: P
     total = 0.0
     for batch in batches:
         loss = loss_sum(model, batch) / n_targets
-        if not torch.isfinite(loss):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
-            raise QLoRAError(f"loss became {loss.item()} at step {step}; stopping ({where})")
         loss.backward()
-        total += loss.item()
+        total += loss.detach()
+    total = float(total)  # the step's one wait for the GPU
+    if not math.isfinite(total):
+        where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
+        raise QLoRAError(f"loss became {total} at step {step}; stopping ({where})")
     return total
 
 
@@ -139,7 +172,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / "rng.pt")
-    state = {"step": step, "data": stream.state(), "config": asdict(cfg)}
+    state = {"step": step, "data": stream.state(), "config": asdict(cfg), "lora": asdict(model.lora_config)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -150,14 +183,18 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
     """Restore a checkpoint into the run's objects; returns its step."""
     state = json.loads((path / "trainer_state.json").read_text())
-    for name in RESUME_FIELDS:
-        if state["config"].get(name) != getattr(cfg, name):
-            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={state['config'].get(name)!r}, "
-                             f"this run asks for {name}={getattr(cfg, name)!r}")
+    checks = [(name, state["config"].get(name), getattr(cfg, name)) for name in RESUME_FIELDS]
+    checks += [(f"LoRA {name}", state.get("lora", {}).get(name), ours)
+               for name, ours in asdict(model.lora_config).items()]
+    for name, theirs, ours in checks:
+        if theirs != ours:
+            raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
+                             f"this run asks for {name}={ours!r}")
     load_adapter(model, path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    device = next(p.device for p in model.parameters() if p.requires_grad)  # the checkpoint's may be another
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
+    rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -203,9 +240,11 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio)
-    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.seed, cfg.group_by_length)
+    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.grad_accum, cfg.seed,
+                         cfg.group_by_length)
     use_ckpt = cfg.gradient_checkpointing
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
+    max_tokens = cfg.max_tokens or auto_max_tokens(model)
 
     step, last_ckpt = 0, None
     found = checkpoint_dirs(out)
@@ -240,19 +279,21 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         with StopSignal() as stop:
             while step < cfg.max_steps and stop.signum is None:
                 t0 = time.perf_counter()
-                batches = [collate([train_examples[i] for i in stream.next()], pad_id) for _ in range(cfg.grad_accum)]
+                records = stream.next_step()
+                batches = micro_batches(train_examples, records, max_tokens)
                 total = accumulate_gradients(model, batches, step + 1, last_ckpt)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+                tokens = sum(b["input_ids"].numel() for b in batches)
                 row = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                       "tokens_per_s": tokens / (time.perf_counter() - t0)}
+                       "micro_batches": len(batches), "tokens_per_s": tokens / (time.perf_counter() - t0)}
                 record(row)
                 bar.update(1)
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{row['lr']:.2e}", mb=len(batches),
+                                tok_s=f"{row['tokens_per_s']:.0f}")
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     evaluate()
                 if stop.signum is not None or (cfg.save_every and step % cfg.save_every == 0):

@@ -11,6 +11,15 @@ class QLoRAError(Exception):
     """
 
 
+def check_flags(args, rules) -> None:
+    """Refuse the first command-line value that breaks its rule; rules are (attribute names, test, wording)."""
+    for names, test, wording in rules:
+        for name in names:
+            value = getattr(args, name)
+            if not test(value):
+                raise QLoRAError(f"--{name.replace('_', '-')} must be {wording}, got {value}")
+
+
 def read_json_object(path: Path, missing: str | None = None) -> dict:
     """The JSON object in a file, with errors that name it. A missing file gives {} when `missing` is None,
     else a QLoRAError that adds `missing` (what the file is needed for)."""

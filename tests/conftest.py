@@ -1,5 +1,7 @@
 """Shared fixtures: small random-weight checkpoints written by transformers, the reference implementation."""
+import hashlib
 import random
+import shutil
 import zlib
 from pathlib import Path
 
@@ -62,6 +64,16 @@ def write_checkpoint(path: Path, max_shard_size=None, safe_serialization=True, *
         model.config.save_pretrained(path)
         torch.save(model.state_dict(), path / "pytorch_model.bin")
     return model
+
+
+def fake_hub_cache(cache: Path, repo_id: str, source: Path, ref: str = "main") -> Path:
+    """A Hugging Face hub cache (HF_HUB_CACHE) holding source's files as repo_id's snapshot at ref; returns it."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = hashlib.sha1(f"{repo_id}@{ref}".encode()).hexdigest()
+    shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return repo / "snapshots" / commit
 
 
 @pytest.fixture

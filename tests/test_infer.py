@@ -3,6 +3,8 @@ import importlib.util
 import io
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import sentencepiece
 import torch
 
-from conftest import need_shared, write_checkpoint
+from conftest import fake_hub_cache, need_shared, write_checkpoint
 from qlora_core import QLoRAError, load_model
 from qlora_core.generate import build_prompts, generate
 from qlora_core.lora import add_lora, load_adapter, save_adapter
@@ -48,9 +50,9 @@ def setup(tmp_path_factory):
     return ckpt, tmp / "adapter", test_file, tmp / "train.json"
 
 
-def infer(*args):
+def infer(*args, env=None):
     command = [sys.executable, str(ROOT / "infer.py"), "--device", "cpu", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_greedy_with_adapter_writes_each_prompt_alone(setup, tmp_path):
@@ -118,6 +120,17 @@ def test_bad_test_file_is_one_line_and_exit_2(setup, tmp_path, content, message)
     assert not (tmp_path / "pred.json").exists()
 
 
+def test_hub_id_at_a_revision_reads_that_snapshot(setup, tmp_path):
+    ckpt, _, test_file, _ = setup
+    fake_hub_cache(tmp_path / "hub", "owner/tiny", ckpt, ref="v1.0")
+    out = tmp_path / "pred.json"
+    run = infer("--model", "owner/tiny", "--revision", "v1.0", "--test-file", test_file, "--output", out,
+                "--max-new-tokens", 4, "--quantize", "none", "--dtype", "float32",
+                env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(out.read_text(encoding="utf-8"))) == 7
+
+
 @pytest.fixture(scope="module")
 def infer_module():
     spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
@@ -134,6 +147,13 @@ def test_help_explains_every_flag(infer_module, capsys):
                  "--decoder", "--num-beams", "--max-new-tokens", "--batch-size", "--quantize", "--perplexity"):
         assert flag in text
     assert "last tokens" in text
+
+
+def test_adapter_is_checked_before_the_model_is_looked_for(infer_module, setup, tmp_path):
+    _, _, test_file, _ = setup
+    with pytest.raises(QLoRAError, match=re.escape(str(tmp_path / "typo" / "adapter_config.json"))):
+        infer_module.main(["--model", str(tmp_path / "nonexistent"), "--adapter", str(tmp_path / "typo"),
+                           "--test-file", str(test_file), "--output", str(tmp_path / "p.json")])
 
 
 @pytest.mark.parametrize("extra, message", [

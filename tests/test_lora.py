@@ -12,8 +12,8 @@ from torch import nn
 
 from conftest import write_checkpoint
 from qlora_core import QLoRAError, load_model
-from qlora_core.lora import (LoRAConfig, LoRALinear, add_lora, export_merged, load_adapter, lora_state_dict,
-                             merge_lora, parameter_summary, save_adapter, unmerge_lora)
+from qlora_core.lora import (LoRAConfig, LoRALinear, add_lora, export_merged, load_adapter, lora_layers,
+                             lora_state_dict, merge_lora, parameter_summary, project, save_adapter, unmerge_lora)
 from qlora_core.quant import nf4_linear
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,6 +63,78 @@ def test_forward_and_grads_equal_dense_formula(dtype):
     assert layer.lora_A.weight.grad.dtype == layer.lora_B.weight.grad.dtype == torch.float32
     assert rel_err(layer.lora_A.weight.grad.to(dtype), A.grad) <= max(tol, 1e-6)
     assert rel_err(layer.lora_B.weight.grad.to(dtype), B.grad) <= max(tol, 1e-6)
+
+
+def group_of_layers(dtype, dropout, sizes=(80, 24, 24), bias=True):
+    """Three LoRA layers on one 48-wide input, like q/k/v with grouped-query heads, with random adapters."""
+    layers = []
+    for out in sizes:
+        layer = LoRALinear(nn.Linear(48, out, bias=bias, dtype=dtype), r=4, alpha=16, dropout=dropout)
+        randomize_lora(layer)
+        layers.append(layer.train())
+    return layers
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_grouped_projection_equals_the_dense_formula(dropout):
+    """project()'s one autograd function gives each layer's output and every gradient of the dense formula (fp64).
+
+    The reference draws the dropout masks with the same call and seed, then runs plain autograd per layer.
+    """
+    torch.manual_seed(0)
+    layers = group_of_layers(torch.float64, dropout)
+    x = torch.randn(5, 20, 48, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    ys = project(x, *layers)
+    torch.manual_seed(1)
+    xr = x.detach().clone().requires_grad_()
+    dropped = xr.reshape(-1, 48).expand(3, -1, -1)
+    if dropout:
+        dropped = torch.native_dropout(dropped, dropout, True)[0]
+    grads_out = [torch.randn_like(y) for y in ys]
+    refs, leaves = [], []
+    for i, m in enumerate(layers):
+        A, B = reference_params(m, torch.float64)
+        leaves += [A, B]
+        base = xr @ m.base_layer.weight.detach().T + m.base_layer.bias.detach()
+        refs.append(base + 4.0 * (dropped[i] @ A.T @ B.T).view(5, 20, -1))
+    for y, ref in zip(ys, refs):
+        assert rel_err(y, ref) <= 1e-12
+    torch.autograd.backward(ys, grads_out)
+    torch.autograd.backward(refs, grads_out)
+    assert rel_err(x.grad, xr.grad) <= 1e-12
+    ours = [w.grad for m in layers for w in (m.lora_A.weight, m.lora_B.weight)]
+    for g, ref in zip(ours, leaves):
+        assert rel_err(g, ref.grad) <= 1e-6  # A and B and their gradients are float32
+
+
+def test_grouped_projection_masks_are_independent_per_layer():
+    """Each layer of a group drops its own inputs (separate LoRA modules would), at the rate asked for."""
+    torch.manual_seed(0)
+    layers = group_of_layers(torch.float32, 0.5, sizes=(8, 8), bias=False)
+    for m in layers:
+        nn.init.eye_(m.lora_A.weight[:, :4])
+        with torch.no_grad():
+            m.lora_A.weight[:, 4:] = 0
+            m.lora_B.weight.copy_(torch.eye(8, 4))
+            m.base_layer.weight.zero_()
+    ys = project(torch.ones(64, 48), *layers)
+    kept = [(y[:, :4] != 0) for y in ys]  # output j of the adapter is input j, kept or dropped
+    assert 0.4 < kept[0].float().mean() < 0.6
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_grouped_projection_over_nf4_equals_each_layer():
+    """Over NF4 bases the grouped path equals each LoRALinear run alone (bitsandbytes' matmul_4bit)."""
+    torch.manual_seed(0)
+    layers = []
+    for out in (128, 64):
+        layer = LoRALinear(nf4_linear(torch.randn(out, 128) * 0.05, None, torch.float32), r=4, alpha=16)
+        randomize_lora(layer)
+        layers.append(layer)
+    x = torch.randn(2, 40, 128)
+    for y, m in zip(project(x, *layers), layers):
+        assert rel_err(y, m(x)) <= 1e-6
 
 
 def test_bf16_input_computes_in_bf16():
@@ -253,9 +325,20 @@ def test_nf4_adapter_round_trip(tmp_path):
     ids = torch.randint(0, 128, (2, 11))
     assert torch.equal(logits(fresh, ids), logits(ours, ids))
     again = load_model(tmp_path / "base", quantize="nf4", compute_dtype=torch.float32, device="cpu")
-    add_lora(again, r=8, alpha=1, targets=["q_proj", "down_proj"])
-    load_adapter(again, tmp_path / "adapter")  # the adapter's alpha replaces the model's
-    assert again.lora_config.alpha == 32 and torch.equal(logits(again, ids), logits(ours, ids))
+    add_lora(again, r=8, alpha=32, targets=["q_proj", "down_proj"])
+    load_adapter(again, tmp_path / "adapter")
+    assert torch.equal(logits(again, ids), logits(ours, ids))
+
+
+def test_adapter_with_another_alpha_than_the_models_lora_is_an_error(tmp_path):
+    torch.manual_seed(0)
+    write_checkpoint(tmp_path / "base")
+    ours = add_lora(load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu"), r=4, alpha=16)
+    save_adapter(ours, tmp_path / "adapter")
+    other = add_lora(load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    with pytest.raises(QLoRAError, match="alpha=16.*alpha=8"):
+        load_adapter(other, tmp_path / "adapter")
+    assert all(m.scaling == 8 / 4 for _, m in lora_layers(other))
 
 
 def test_save_adapter_leaves_nothing_when_interrupted(tmp_path, tiny, monkeypatch):

@@ -1,9 +1,12 @@
 """Our LlamaForCausalLM against transformers' on checkpoints that transformers writes."""
+import json
+
 import pytest
 import torch
 
 from conftest import write_checkpoint
-from qlora_core import load_model
+from qlora_core import QLoRAError, load_model
+from qlora_core.generate import generate
 from qlora_core.model import RMSNorm
 
 CASES = {
@@ -99,3 +102,18 @@ def test_rmsnorm_in_bf16_rounds_once():
         out = norm(x)
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).norm() / ref.norm() < 0.00183
+
+
+def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
+    """Up to the window, full attention is what the window gives; beyond it, a clear error, not silent full attention."""
+    torch.manual_seed(0)
+    ref = write_checkpoint(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "sliding_window": 16}))
+    ours = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    assert max_diff(ours, ref, torch.randint(0, 128, (2, 16))) <= 1e-4
+    with pytest.raises(QLoRAError, match="sliding_window of 16"):
+        ours(torch.randint(0, 128, (2, 17)))
+    with pytest.raises(QLoRAError, match="sliding_window of 16"):
+        generate(ours, [[5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9)
+    assert len(generate(ours, [[5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=8)[0]) == 8

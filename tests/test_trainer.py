@@ -1,9 +1,11 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -16,16 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import need_shared, write_checkpoint
+from conftest import fake_hub_cache, need_shared, write_checkpoint
 from test_metrics import ByteTokenizer
 import qlora_core.trainer as trainer_module
-from qlora_core import load_model
+from qlora_core import QLoRAError, load_model
+from qlora_core.builtin import builtin_model_dir
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
-from qlora_core.lora import add_lora
+from qlora_core.lora import add_lora, lora_state_dict
 from qlora_core.metrics import perplexities
+from qlora_core.optim import linear_schedule, make_optimizer
 from qlora_core.tokenizer import load_tokenizer
-from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, train
-from qlora_core.util import QLoRAError
+from qlora_core.trainer import (BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, micro_batches,
+                                train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,6 +72,55 @@ def test_accumulation_equals_one_big_batch(tmp_path):
     F.cross_entropy(logits[:, :-1].flatten(0, 1), big["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX).backward()
     for name, g in lora_grads(model).items():
         assert (accumulated[name] - g).norm() <= 1e-5 * g.norm(), name
+
+
+def test_packed_micro_batches_follow_the_record_by_record_trajectory(tmp_path):
+    """3 optimizer steps of 2 x 8 records: packed into many micro-batches (64 tokens) or one (100,000), the adapter
+    ends the same, and equal to a loop that runs each record alone and takes the mean token loss of the step."""
+    random.seed(0)
+    torch.manual_seed(0)
+    examples = random_examples(40)
+    write_checkpoint(tmp_path / "base", num_key_value_heads=2)
+
+    def fresh_model():
+        model = load_model(tmp_path / "base", compute_dtype=torch.float32, device="cpu")
+        torch.manual_seed(1)
+        add_lora(model, r=4, alpha=16, dropout=0.0)
+        return model.train()
+
+    def cfg(name, max_tokens):
+        return TrainConfig(output_dir=str(tmp_path / name), max_steps=3, batch_size=2, grad_accum=8, lr=1e-2,
+                           eval_every=0, save_every=0, max_tokens=max_tokens, warmup_ratio=0.0)
+
+    adapters, packings = {}, {}
+    for max_tokens in (64, 100_000):
+        model = fresh_model()
+        train(model, examples, 0, cfg(f"run{max_tokens}", max_tokens))
+        adapters[max_tokens] = lora_state_dict(model)
+        packings[max_tokens] = len(micro_batches(examples, list(range(16)), max_tokens))
+    assert packings[64] >= 3 and packings[100_000] == 1
+
+    model = fresh_model()  # the reference: plain autograd, one record at a time, no packing, no padding
+    c = cfg("ref", None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, stream = make_optimizer(params, c.optim, c.lr, c.weight_decay), BatchStream(
+        [len(ids) for ids, _ in examples], c.batch_size, c.grad_accum, c.seed, c.group_by_length)
+    scheduler = linear_schedule(optimizer, c.max_steps, c.warmup_ratio)
+    for _ in range(c.max_steps):
+        records = [examples[i] for i in stream.next_step()]
+        n_targets = sum(sum(t != IGNORE_INDEX for t in labels[1:]) for _, labels in records)
+        for ids, labels in records:
+            logits = model(torch.tensor([ids]))[0, :-1]
+            F.cross_entropy(logits, torch.tensor(labels[1:]), ignore_index=IGNORE_INDEX,
+                            reduction="sum").div(n_targets).backward()
+        torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    reference = lora_state_dict(model)
+    for key, ref in reference.items():
+        for max_tokens, adapter in adapters.items():
+            assert (adapter[key] - ref).norm() <= 1e-4 * ref.norm(), (max_tokens, key)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
@@ -217,16 +270,58 @@ def test_loss_ignores_prompt_positions_and_counts_outputs(tmp_path):
 
 
 def test_batch_stream_resumes_mid_epoch():
+    random.seed(0)
     lengths = [random.randint(1, 50) for _ in range(23)]
-    a = BatchStream(lengths, 2, seed=3, group_by_length=True)
-    seq = [a.next() for _ in range(30)]
-    b = BatchStream(lengths, 2, seed=3, group_by_length=True)
-    for _ in range(17):
-        b.next()
-    c = BatchStream(lengths, 2, seed=3, group_by_length=True)
+    a = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    seq = [a.next_step() for _ in range(10)]
+    b = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    for _ in range(6):
+        b.next_step()
+    c = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
     c.load(b.state())
-    assert [c.next() for _ in range(13)] == seq[17:]
-    assert sorted(i for batch in seq[:12] for i in batch) == list(range(23))
+    assert [c.next_step() for _ in range(4)] == seq[6:]
+    assert [len(s) for s in seq[:4]] == [6, 6, 6, 5]
+    assert sorted(i for step in seq[:4] for i in step) == list(range(23))
+
+
+@pytest.mark.parametrize("n, batch_size, grad_accum", [(1000, 2, 16), (3000, 4, 2), (45, 2, 4)])
+def test_steps_group_lengths_as_transformers_length_grouped_sampler(n, batch_size, grad_accum):
+    """Each step holds the lengths the Trainer's sampler puts in it (it groups by batch_size x grad_accum)."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    rng = random.Random(n)
+    lengths = [rng.randint(1, 500) for _ in range(n)]
+    per_step = batch_size * grad_accum
+    steps_per_epoch = -(-n // per_step)
+    stream = BatchStream(lengths, batch_size, grad_accum, seed=42, group_by_length=True)
+    for epoch in range(2):
+        hf = list(LengthGroupedSampler(per_step, lengths=lengths, generator=torch.Generator().manual_seed(42 + epoch)))
+        hf_steps = [hf[i:i + per_step] for i in range(0, n, per_step)]
+        ours = [stream.next_step() for _ in range(steps_per_epoch)]
+        assert [sorted(lengths[i] for i in s) for s in ours] == [sorted(lengths[i] for i in s) for s in hf_steps]
+
+
+def test_train_cuts_each_step_into_micro_batches_in_order(tmp_path, monkeypatch):
+    from qlora_core import trainer
+    torch.manual_seed(0)
+    random.seed(0)
+    model = lora_model(tmp_path / "m")
+    examples = random_examples(20)
+    seen, real = [], trainer.accumulate_gradients
+
+    def recording(model, batches, *args):
+        seen.append([b["input_ids"].tolist() for b in batches])
+        return real(model, batches, *args)
+
+    monkeypatch.setattr(trainer, "accumulate_gradients", recording)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=3, eval_every=0,
+                      save_every=0, optim="adamw")
+    train(model, examples, 0, cfg)
+    stream = BatchStream([len(ids) for ids, _ in examples], 2, 3, cfg.seed, True)
+    assert len(seen) == 3
+    for batches in seen:
+        records = stream.next_step()
+        assert batches == [collate([examples[i] for i in records[j:j + 2]], 0)["input_ids"].tolist()
+                           for j in range(0, 6, 2)]
 
 
 def test_nan_loss_stops_with_clear_error(tmp_path):
@@ -236,7 +331,6 @@ def test_nan_loss_stops_with_clear_error(tmp_path):
         model.model.layers[-1].mlp.down_proj.lora_B.weight.fill_(float("nan"))
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=1, eval_every=0,
                       save_every=0, optim="adamw")
-    from qlora_core.util import QLoRAError
     with pytest.raises(QLoRAError, match="loss became nan at step 1"):
         train(model, random_examples(8), 0, cfg)
 
@@ -256,12 +350,60 @@ def test_metrics_checkpoints_and_learning_curve(tmp_path):
     assert (out / "adapter_model.safetensors").is_file() and (out / "learning_curve.png").stat().st_size > 1000
 
 
-def run_train(out, *extra):
+def lora_on(path, r=4, alpha=16, dropout=0.0, targets="all-linear"):
+    """The checkpoint at path with fresh LoRA layers, in training mode."""
+    return add_lora(load_model(path, compute_dtype=torch.float32, device="cpu"), r, alpha, dropout, targets).train()
+
+
+def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    random.seed(0)
+    write_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    examples = random_examples(8)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=1, eval_every=0,
+                      save_every=1, optim="adamw")
+    train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    straight = adapter(tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoint-1"
+    shutil.rmtree(tmp_path / "run" / "checkpoint-2")
+    states = {name: torch.load(ckpt / name, weights_only=True) for name in ("optimizer.pt", "scheduler.pt", "rng.pt")}
+    with monkeypatch.context() as m:  # write the files as a run on cuda:1 does: each storage tagged with its device
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:1")
+        for name, state in states.items():
+            torch.save(state, ckpt / name)
+    train(lora_on(tmp_path / "m"), examples, 0, cfg, resume=True)
+    resumed = adapter(tmp_path / "run")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("change, lora_change, name", [
+    ({"max_grad_norm": 1.0}, {}, "max_grad_norm"),
+    ({"weight_decay": 0.1}, {}, "weight_decay"),
+    ({}, {"r": 8}, "LoRA r"),
+    ({}, {"alpha": 32}, "LoRA alpha"),
+    ({}, {"dropout": 0.1}, "LoRA dropout"),
+    ({}, {"targets": ["q_proj", "v_proj"]}, "LoRA targets"),
+])
+def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
+    torch.manual_seed(0)
+    random.seed(0)
+    write_checkpoint(tmp_path / "m", num_key_value_heads=2)
+    examples = random_examples(4)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=1, eval_every=0,
+                      save_every=1, optim="adamw")
+    train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    with pytest.raises(QLoRAError, match=f"cannot resume: it was trained with {name}="):
+        train(lora_on(tmp_path / "m", **lora_change), examples, 0, dataclasses.replace(cfg, **change), resume=True)
+
+
+def run_train(out, *extra, wait=True, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
            "--train-file", str(DEFAULT_TRAIN),
            *extra]
-    env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache")}
+    env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache"), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True)
 
 
@@ -413,3 +555,65 @@ def test_training_lowers_adl_perplexity(tmp_path):
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(after) < 0.7 * mean(before), (mean(before), mean(after))
 
+
+
+@pytest.mark.parametrize("revision", [None, "v1.0"])
+def test_hub_id_is_resolved_to_its_snapshot_before_the_tokenizer_is_read(tmp_path, revision):
+    """train.py --model owner/name (the README's command) with an offline hub cache that holds that repo."""
+    fake_hub_cache(tmp_path / "hub", "owner/tiny", builtin_model_dir(tmp_path / "cache"), ref=revision or "main")
+    out = tmp_path / "run"
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = run_train(out, "--model", "owner/tiny", "--max-steps", "1", "--save-every", "0",
+                       *(["--revision", revision] if revision else []), env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/tiny"
+
+
+@pytest.fixture(scope="module")
+def train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lr", "-1"], "--lr must be positive, got -1.0"),
+    (["--lr", "nan"], "--lr must be positive"),
+    (["--warmup-ratio", "1.5"], "--warmup-ratio must be between 0 and 1"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be positive"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--lora-r", "0"], "--lora-r must be at least 1"),
+    (["--lora-alpha", "-16"], "--lora-alpha must be positive"),
+    (["--lora-dropout", "1"], "--lora-dropout must be at least 0 and below 1"),
+    (["--lora-targets", "q_proj,qkv"], "unknown LoRA target"),
+    (["--max-source-len", "0"], "--max-source-len must be at least 1"),
+    (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--template", "no field"], "--template has no {instruction} field"),
+    (["--revision", "main"], "--revision needs --model"),
+])
+def test_flags_are_checked_before_any_file_is_read(train_module, tmp_path, extra, message):
+    missing = tmp_path / "missing.json"  # read before the flags are checked, it would be the error
+    with pytest.raises(QLoRAError, match=re.escape(message)):
+        train_module.main(["--train-file", str(missing), "--output-dir", str(tmp_path / "out"), *extra])
+
+
+@pytest.mark.parametrize("files", [["--train-file", "{bad}"],
+                                   ["--train-file", str(DEFAULT_TRAIN), "--eval-file", "{bad}"]])
+def test_data_files_are_checked_before_the_model_is_looked_for(train_module, tmp_path, files):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": "a", "instruction": "x"}]')
+    with pytest.raises(QLoRAError, match=re.escape(f'{bad}: record 0: field "output" is missing')):
+        train_module.main(["--model", str(tmp_path / "nonexistent"), *[f.format(bad=bad) for f in files]])
+
+
+def test_missing_model_directory_names_the_model_path(train_module, tmp_path):
+    with pytest.raises(QLoRAError, match=re.escape(str(tmp_path / "nonexistent")) + ": no such directory") as e:
+        train_module.main(["--model", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "out")])
+    assert "tokenizer" not in str(e.value)
+
+
+def test_bad_flag_is_one_line_without_a_traceback(tmp_path):
+    result = run_train(tmp_path / "out", "--lr", "-1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --lr must be positive, got -1.0"]
