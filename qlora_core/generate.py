@@ -66,17 +66,27 @@ class GraphedDecodeStep:
         return self.logits
 
 
-def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [rows]: argmax when temperature is 0, else a sample from the top-p nucleus of softmax(logits / T)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a token is drawn from: softmax(logits / T) kept on its top-p nucleus, renormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p, as in transformers'
+    TopPLogitsWarper; the most likely token is always in it.
+    """
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # the most likely token is always kept
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(outside, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [rows]: argmax when temperature is 0, else a sample from `sampling_probs`."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
 def reorder_cache(model, rows: torch.Tensor) -> None:

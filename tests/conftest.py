@@ -1,6 +1,8 @@
 """Shared fixtures: small random-weight checkpoints written by transformers, the reference implementation."""
 import hashlib
+import random
 import shutil
+import zlib
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,24 @@ def need_shared(relpath: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: this test reads the project's shared data beside the repository")
     return path
+
+
+def seed_everything(name: str):
+    seed = zlib.crc32(name.encode())
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def seeded_module(request):
+    """Module fixtures (checkpoints, prompts) draw from generators seeded by the module's name."""
+    seed_everything(request.module.__name__)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Every test draws from generators seeded by its name, so a failure replays alone or in the suite."""
+    seed_everything(request.node.name)
 
 
 def tiny_config(**overrides):

@@ -2,6 +2,7 @@
 
 Skipped without a GPU (CI is CPU-only); run on a GPU machine with `python -m pytest tests/test_cuda.py`.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import write_checkpoint
 from qlora_core import load_model
@@ -17,6 +19,7 @@ from qlora_core.builtin import NAME as BUILTIN_NAME
 from qlora_core.generate import generate
 from qlora_core.lora import add_lora
 from qlora_core.quant import is_4bit, storage_bytes
+from test_trainer import sigterm_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,17 +59,34 @@ def test_nf4_load_quantizes_layer_by_layer_on_cuda(tmp_path):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
 
 
-def test_train_resume_and_infer_on_cuda(tmp_path):
+def test_train_resume_and_infer_on_cuda(tmp_path, monkeypatch):
+    """train.py on the GPU (NF4, bf16, gradient checkpointing, LoRA dropout): a run stopped by SIGTERM after step 6
+    and resumed trains steps 7-12 as the uninterrupted run does; infer.py then runs on its adapter."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
+    train_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_cli)
+    args = ["--max-steps", "12", "--save-every", "6", "--eval-every", "6"]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    train_cli.main(args + ["--output-dir", str(straight)])
+    with sigterm_after(stop_step=6, snapshot_step=0), pytest.raises(SystemExit) as stopped:
+        train_cli.main(args + ["--output-dir", str(out)])
+    assert stopped.value.code == 143 and (out / "checkpoint-6").is_dir()
+    train_cli.main(args + ["--output-dir", str(out), "--resume"])
+    def rows(path):
+        return {r["step"]: r for r in map(json.loads, (path / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+
+    resumed, expected = rows(out), rows(straight)
+    assert sorted(resumed) == list(range(1, 13))
+    assert any("eval_perplexity" in json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+    for step in range(7, 13):
+        assert resumed[step]["lr"] == pytest.approx(expected[step]["lr"], rel=1e-6), step
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-3), step
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k].float() - b[k].float()).norm() <= 1e-3 * a[k].float().norm(), k
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    out = tmp_path / "run"
-    train = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "12", "--save-every", "6",
-             "--eval-every", "6"]
-    first = subprocess.run(train + ["--max-steps", "12"], env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert any("eval_perplexity" in r for r in rows) and all(r.get("loss", 0) == r.get("loss", 0) for r in rows)
-    again = subprocess.run(train + ["--max-steps", "12", "--resume"], env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr[-3000:]
     model_dir = tmp_path / "cache" / "qlora_core" / BUILTIN_NAME
     test_file = ROOT / "qlora_core" / "default_data" / "eval.jsonl"
     for extra in (["--decoder", "greedy"], ["--decoder", "beam", "--num-beams", "3"], ["--perplexity"]):

@@ -127,6 +127,23 @@ def test_sampling(models):
     assert nucleus_of_one == gen.generate(model, prompts, 12)
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+@pytest.mark.parametrize("temperature", [0.5, 1.5])
+def test_sampling_distribution_equals_transformers_warpers(temperature, top_p):
+    """The masked, renormalised probabilities equal softmax of transformers' temperature and top-p warpers' logits."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+    logits = torch.randn(64, 128) * 3
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    expected = torch.softmax(scores, dim=-1)
+    probs = gen.sampling_probs(logits, temperature, top_p)
+    assert torch.equal(probs > 0, expected > 0)
+    assert (probs - expected).abs().max() <= 1e-6
+    if top_p < 1.0:
+        assert (expected == 0).sum(-1).min() > 0, "the nucleus must leave tokens out"
+
+
 def test_nf4_base_with_lora_matches_its_merged_export(tmp_path):
     """An NF4 base with an unmerged adapter decodes as transformers does on the same weights, dequantized and merged."""
     from transformers import LlamaForCausalLM

@@ -15,7 +15,7 @@ import torch
 
 from conftest import fake_hub_cache, need_shared, write_checkpoint
 from qlora_core import QLoRAError, load_model
-from qlora_core.generate import build_prompts, generate_texts
+from qlora_core.generate import build_prompts, generate
 from qlora_core.lora import add_lora, load_adapter, save_adapter
 from qlora_core.metrics import perplexities
 from qlora_core.prompts import DEFAULT_TEMPLATE
@@ -55,7 +55,8 @@ def infer(*args, env=None):
     return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
-def test_greedy_with_adapter_writes_what_generate_texts_gives(setup, tmp_path):
+def test_greedy_with_adapter_writes_each_prompt_alone(setup, tmp_path):
+    """Each record gets the output of its own prompt decoded alone (batches sort the prompts by length)."""
     ckpt, adapter, test_file, _ = setup
     out = tmp_path / "sub" / "pred.json"
     run = infer("--model", ckpt, "--adapter", adapter, "--test-file", test_file, "--output", out,
@@ -67,8 +68,11 @@ def test_greedy_with_adapter_writes_what_generate_texts_gives(setup, tmp_path):
     tok = load_tokenizer(ckpt)
     model = load_adapter(load_model(ckpt, compute_dtype=torch.float32, device="cpu"), adapter)
     prompts = build_prompts(tok, [r["instruction"] for r in records], "lora")
-    assert [p["output"] for p in predictions] == generate_texts(model, tok, prompts, MAX_NEW, batch_size=3,
-                                                                progress=False)
+    lengths = [len(p) for p in prompts]
+    assert len(set(lengths)) == len(lengths) and lengths != sorted(lengths, reverse=True)
+    alone = [tok.decode(generate(model, [p], MAX_NEW, eos_id=tok.eos_id, pad_id=0)[0]).strip() for p in prompts]
+    assert len(set(alone)) == len(alone)
+    assert [p["output"] for p in predictions] == alone
 
 
 def test_few_shot_beam_search_cuts_long_prompts(setup, tmp_path):
