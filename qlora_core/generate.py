@@ -5,10 +5,15 @@ function of fixed-shape tensors (`decode_one_token`), so a CUDA graph can captur
 batch * num_beams rows and reorders the cache in place. It reproduces transformers' `generate(do_sample=False,
 num_beams=N, early_stopping=False)` token for token: see `beam_search`.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .kernels.fused_projections import fused_projections, projection_groups
+from .kernels.nf4_matmul import kernel_available
+from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
 from .tokenizer import padding_id
 from .util import QLoRAError, log
@@ -16,6 +21,9 @@ from .util import QLoRAError, log
 PROMPT_MODES = ("zero-shot", "few-shot", "lora")
 NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
+CACHE_BUCKET = 64
+"""With CUDA graphs, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
+one captured decode step."""
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -39,18 +47,18 @@ class GraphedDecodeStep:
 
     A decode step of a 7B model launches thousands of small kernels; replaying the graph launches them as one,
     so the host no longer sets the pace. Capture runs the step on a cache slot (0) that the prefill overwrites
-    afterwards, so it must be built after setup_cache and before the prefill. Inputs are copied into the
-    graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call.
+    afterwards, so it must be built after the cache is installed and before the prefill. Inputs are copied into the
+    graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call. The graph
+    reads the model's weights and KV cache where they were at capture: DecodeState keeps both in place between calls.
     """
 
     def __init__(self, model, rows: int, cache_len: int, device):
-        self.model = model
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation must not be captured
+        with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation (and autotuning) is not captured
             for _ in range(2):
                 decode_one_token(model, self.token, self.input_pos, self.mask)
         torch.cuda.current_stream(device).wait_stream(side)
@@ -64,6 +72,63 @@ class GraphedDecodeStep:
         self.mask.copy_(mask)
         self.graph.replay()
         return self.logits
+
+
+class DecodeState:
+    """What `generate` keeps between calls on one model: its projection groups, KV caches and captured decode steps.
+
+    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET); the KV cache of each row count is
+    one buffer of the longest length seen, and a shorter call uses its leading slots, so every graph of that row
+    count keeps reading the same memory. A model whose projection modules change (add_lora, merge_lora) gets a new
+    state. `release_decode_state(model)` frees it all.
+    """
+
+    def __init__(self, model):
+        self.signature = decode_signature(model)
+        self.groups = projection_groups(model)
+        self.caches: dict[int, list[KVCache]] = {}
+        self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+
+    def install_cache(self, model, rows: int, cache_len: int) -> None:
+        """Give the model KV caches of cache_len slots for rows rows, views of the buffers kept for that row count."""
+        full = self.caches.get(rows)
+        if full is None or full[0].k.shape[2] < cache_len:
+            for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffers about to be replaced
+                del self.steps[key]
+            self.caches.pop(rows, None)
+            model.setup_cache(rows, cache_len)
+            self.caches[rows] = [layer.self_attn.kv_cache for layer in model.model.layers]
+            return
+        for layer, cache in zip(model.model.layers, full):
+            view = KVCache(rows, cache.k.shape[1], 0, cache.k.shape[3], cache.k.dtype, cache.k.device)
+            view.k, view.v = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+            layer.self_attn.kv_cache = view
+
+    def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:
+        key = (rows, cache_len)
+        if key not in self.steps:
+            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device)
+        return self.steps[key]
+
+
+_states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decode_signature(model) -> tuple:
+    """What a DecodeState depends on: the identity of every module and LoRA's merged flags."""
+    return tuple((name, id(m), getattr(m, "merged", None)) for name, m in model.named_modules() if name.endswith("_proj"))
+
+
+def decode_state(model) -> DecodeState:
+    state = _states.get(model)
+    if state is None or state.signature != decode_signature(model):
+        state = _states[model] = DecodeState(model)
+    return state
+
+
+def release_decode_state(model) -> None:
+    """Free the KV caches and CUDA graphs that generate keeps for the model between calls."""
+    _states.pop(model, None)
 
 
 def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -215,7 +280,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     semantics of transformers' `generate(do_sample=False, num_beams=N, length_penalty=..., early_stopping=False)`.
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
-    cuda_graph replays each decode step from a CUDA graph (see GraphedDecodeStep); None means on for CUDA models.
+    cuda_graph replays each decode step from a CUDA graph kept for later calls of the same rows and cache-length
+    bucket (see DecodeState); None means on for CUDA models. On CUDA, NF4 projections run through the fused decode
+    kernels (see kernels/fused_projections.py) whenever the rows are few.
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -231,15 +298,24 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     if cuda_graph and device.type != "cuda":
         raise QLoRAError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
     expanded = [p for p in prompts for _ in range(num_beams)]
-    width = max(len(p) for p in prompts)
-    ids, mask = left_pad(expanded, pad_id, width + max_new_tokens, device)
+    rows, width = len(expanded), max(len(p) for p in prompts)
+    cache_len = width + max_new_tokens
+    if cuda_graph:
+        cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
+    ids, mask = left_pad(expanded, pad_id, cache_len, device)
     was_training = model.training
     model.eval()
+    state = decode_state(model)
+    param = next(model.parameters())
+    groups = state.groups if kernel_available(param) else []
     try:
-        with torch.inference_mode():
-            model.setup_cache(len(expanded), width + max_new_tokens)
-            step = GraphedDecodeStep(model, len(expanded), width + max_new_tokens, device) if cuda_graph \
-                else decode_one_token
+        with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
+            if cuda_graph:
+                state.install_cache(model, rows, cache_len)
+                step = state.step(model, rows, cache_len, device)
+            else:
+                model.setup_cache(rows, cache_len)
+                step = decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
                                        generator, step)

@@ -310,13 +310,11 @@ if triton is not None:
         """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, tensor-core dots (rows padded to 16 or 32) for more."""
         out = []
         for bm in (1, 2, 4):
-            for bn, bk, warps, stages in ((16, 256, 4, 3), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3),
-                                          (16, 512, 4, 2), (64, 256, 8, 3)):
+            for bn, bk, warps, stages in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 4, 2)):
                 out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False),
                                          num_warps=warps, num_stages=stages))
         for bm in (16, 32):
-            for bn, bk, warps, stages in ((32, 128, 4, 3), (64, 128, 4, 3), (32, 256, 4, 3), (64, 256, 8, 3),
-                                          (128, 128, 8, 3), (16, 256, 4, 4)):
+            for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)):
                 out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True),
                                          num_warps=warps, num_stages=stages))
         return out
