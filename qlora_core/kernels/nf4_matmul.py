@@ -164,7 +164,8 @@ def nf4_matmul(x: torch.Tensor, weights, lora: LoRAInputs | None = None, use_ker
     return y
 
 
-def _launch(x, weights, lora):
+def _launch(x, weights, lora, out=None):
+    """The kernel's output [..., sum out_features], written into `out` [rows, sum out_features] if given."""
     if not 1 <= len(weights) <= MAX_SEGMENTS:
         raise ValueError(f"nf4_matmul takes 1 to {MAX_SEGMENTS} weights, got {len(weights)}")
     in_f = x.shape[-1]
@@ -175,7 +176,7 @@ def _launch(x, weights, lora):
         x2 = x2.contiguous()
     rows = x2.shape[0]
     n_total = sum(w.out_features for w in weights)
-    y = torch.empty((rows, n_total), dtype=x.dtype, device=x.device)
+    y = torch.empty((rows, n_total), dtype=x.dtype, device=x.device) if out is None else out
     segs = list(weights) + [weights[0]] * (MAX_SEGMENTS - len(weights))
     ns = [w.out_features for w in weights] + [0] * (MAX_SEGMENTS - len(weights))
     if lora is not None:
