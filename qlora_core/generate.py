@@ -22,7 +22,7 @@ PROMPT_MODES = ("zero-shot", "few-shot", "lora")
 NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
 CACHE_BUCKET = 64
-"""With CUDA graphs, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
+"""On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
 one captured decode step."""
 
 
@@ -300,7 +300,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     expanded = [p for p in prompts for _ in range(num_beams)]
     rows, width = len(expanded), max(len(p) for p in prompts)
     cache_len = width + max_new_tokens
-    if cuda_graph:
+    if device.type == "cuda":  # eager decoding too, so that it attends over the same slots as the graphed one
         cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
     ids, mask = left_pad(expanded, pad_id, cache_len, device)
     was_training = model.training
@@ -356,6 +356,13 @@ def build_prompts(tok, instructions: list[str], mode: str = "zero-shot", example
     return prompts
 
 
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of prompts in batches of batch_size, longest prompts first: similar lengths share a batch (little
+    padding, few cache-length buckets), and a batch that runs out of memory comes first."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                    num_beams: int = 1, progress: bool = True, **sampling) -> list[str]:
     """Decoded outputs of prompts (token ids) in their order, generated in batches of similar prompt lengths.
@@ -366,10 +373,8 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
     if batch_size < 1:
         raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = padding_id(tok)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors show early
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     texts = [""] * len(prompts)
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+    for batch in tqdm(length_batches(prompts, batch_size), desc="generating", unit="batch", disable=not progress):
         new = generate(model, [prompts[i] for i in batch], max_new_tokens, num_beams=num_beams,
                        eos_id=tok.eos_id, pad_id=pad_id, **sampling)
         for i, tokens in zip(batch, new):

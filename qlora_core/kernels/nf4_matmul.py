@@ -96,8 +96,11 @@ class LoRAInputs:
 
 
 def kernel_available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1 (tests)."""
-    if triton is None:
+    """Whether the Triton kernel can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1 (tests).
+
+    QLORA_NF4_KERNEL=0 in the environment turns it off (decoding then goes through bitsandbytes throughout).
+    """
+    if triton is None or os.environ.get("QLORA_NF4_KERNEL", "1") == "0":
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
