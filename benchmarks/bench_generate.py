@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, report, reset_peak, setup)
+                    peak_gib, report, reset_peak, setup, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -212,6 +212,8 @@ def adl_workload(args, impls, cfg, model_dir):
             log(f"{impl}: failed: {type(e).__name__}: {e}")
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
         free_memory(args.device)
+        if args.out:  # what is done so far survives a run cut short
+            write_json(args.out, rows, args.device, benchmark="decode", partial=True)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
     report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
                         "job_seconds", "peak_alloc_gib", "cold_s", "load_s", "ours/new_tokens_per_s",
@@ -234,7 +236,7 @@ def main():
     ap.add_argument("--job-prompts", type=int, default=250, help="adl: prompts of the job")
     ap.add_argument("--batch-size", type=int, default=8, help="adl: the job's batch size (infer.py's default)")
     ap.add_argument("--hf-single-prompts", type=int, default=2, help="adl: HF runs this many of the batch-1 prompts")
-    ap.add_argument("--hf-job-prompts", type=int, default=40,
+    ap.add_argument("--hf-job-prompts", type=int, default=24,
                     help="adl: HF runs whole job batches holding about this many prompts; its rate is extrapolated")
     args = ap.parse_args()
     if args.new_tokens is None:
