@@ -186,3 +186,25 @@ def test_cuda_graph_needs_a_cuda_model(tmp_path):
     model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(gen.QLoRAError, match="cuda_graph=True needs a model on a CUDA device"):
         gen.generate(model, [[1, 5, 9]], 4, cuda_graph=True)
+
+
+def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
+    """Captured steps read the KV cache where it was at capture: a shorter call gets views of the kept buffer, a
+    longer one replaces it (and drops the steps captured on it); new LoRA layers give the model a new state."""
+    from qlora_core.lora import add_lora
+    write_checkpoint(tmp_path)
+    model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    state = gen.decode_state(model)
+    assert gen.decode_state(model) is state
+    state.install_cache(model, 2, 128)
+    full = model.model.layers[0].self_attn.kv_cache.k
+    state.steps[(2, 128)] = state.steps[(3, 64)] = "captured"
+    state.install_cache(model, 2, 64)
+    view = model.model.layers[0].self_attn.kv_cache.k
+    assert view.shape[2] == 64 and view.data_ptr() == full.data_ptr() and (2, 128) in state.steps
+    state.install_cache(model, 2, 192)
+    assert model.model.layers[0].self_attn.kv_cache.k.shape[2] == 192 and list(state.steps) == [(3, 64)]
+    model.clear_cache()
+    add_lora(model)
+    assert gen.decode_state(model) is not state
+    gen.release_decode_state(model)
