@@ -21,10 +21,15 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
 """Projections that share an input, by the submodule that holds them."""
 
 
-def _base(module):
-    """(the 4-bit layer, the LoRA layer or None) of a projection: a bnb.nn.Linear4bit or a LoRALinear over one."""
+def _parts(module):
+    """(the 4-bit layer, the LoRA layer or None) of a projection: a bnb.nn.Linear4bit, or a LoRA layer over one in
+    lora.py's layout (base_layer, lora_A, lora_B, scaling); None for anything else (it keeps its own forward)."""
+    if is_4bit(module):
+        return module, None
     base = getattr(module, "base_layer", None)
-    return (base, module) if base is not None else (module, None)
+    if base is not None and is_4bit(base) and all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")):
+        return base, module
+    return None
 
 
 class ProjectionGroup:
@@ -32,10 +37,11 @@ class ProjectionGroup:
 
     def __init__(self, modules: list):
         self.modules = modules
-        self.weights = [NF4Weight.of(_base(m)[0]) for m in modules]
-        self.loras = [lora if lora is not None and not lora.merged else None for lora in map(lambda m: _base(m)[1],
-                                                                                               modules)]
-        self.ranks = [lora.lora_A.out_features if lora is not None else 0 for lora in self.loras]
+        parts = [_parts(m) for m in modules]
+        self.weights = [NF4Weight.of(p[0]) if p is not None else None for p in parts]
+        self.loras = [p[1] if p is not None and p[1] is not None and not getattr(p[1], "merged", False) else None
+                      for p in parts]
+        self.ranks = [lora.lora_A.weight.shape[0] if lora is not None else 0 for lora in self.loras]
         self.a = None
         """alpha/r * A of every member stacked [sum r, in], in the compute dtype; rewritten in place by refresh."""
         self.pending = None
@@ -84,7 +90,7 @@ def projection_groups(model) -> list[ProjectionGroup]:
         for holder, names in GROUPS:
             parent = getattr(layer, holder, None)
             modules = [getattr(parent, n, None) for n in names]
-            if any(m is None or not is_4bit(_base(m)[0]) for m in modules):
+            if any(m is None or _parts(m) is None for m in modules):
                 continue
             group = ProjectionGroup(modules)
             if group.ok:
