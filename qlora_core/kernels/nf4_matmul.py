@@ -267,6 +267,8 @@ if triton is not None:
         kb_total = K // 64
         offset = tl.load(off_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if not USE_DOT:  # products summed per lane across the loop; one reduction at the end
+            part = tl.zeros((BLOCK_M, BLOCK_N, NB, 32), dtype=tl.float32)
         for kb0 in range(0, kb_total, NB):
             blk = kb0 + rb                                                 # [NB] block index within a row
             b_ok = blk < kb_total
@@ -275,7 +277,7 @@ if triton is not None:
             code = tl.load(am_ptr + flat, mask=wb_ok, other=0).to(tl.int32)
             scale = tl.load(c2_ptr + code) * tl.load(am2_ptr + flat // 256, mask=wb_ok, other=0.0) + offset
             byte = flat[:, :, None] * 32 + rj[None, None, :]               # [BN, NB, 32]
-            q = tl.load(w_ptr + byte, mask=wb_ok[:, :, None], other=0).to(tl.int32)
+            q = tl.load(w_ptr + byte, mask=wb_ok[:, :, None], other=0, eviction_policy="evict_first").to(tl.int32)
             w_hi = tl.load(lut_ptr + (q >> 4)) * scale[:, :, None]        # even columns k = 2j
             w_lo = tl.load(lut_ptr + (q & 15)) * scale[:, :, None]        # odd columns k = 2j + 1
             if W_ROUND == 1:
@@ -299,9 +301,10 @@ if triton is not None:
                     acc = tl.dot(a_e, b_e, acc)
                     acc = tl.dot(a_o, b_o, acc)
             else:
-                prod = (x_e.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :]
-                        + x_o.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :])
-                acc += tl.sum(tl.sum(prod, axis=3), axis=2)
+                part += (x_e.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :]
+                         + x_o.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :])
+        if not USE_DOT:
+            acc = tl.sum(tl.sum(part, axis=3), axis=2)
         if HAS_LORA:
             for r in range(0, rank):
                 hv = tl.load(h_ptr + rm * stride_hm + hc + r, mask=m_ok, other=0.0).to(tl.float32)
