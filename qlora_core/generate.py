@@ -77,32 +77,45 @@ class GraphedDecodeStep:
 class DecodeState:
     """What `generate` keeps between calls on one model: its projection groups, KV caches and captured decode steps.
 
-    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET); the KV cache of each row count is
-    one buffer of the longest length seen, and a shorter call uses its leading slots, so every graph of that row
-    count keeps reading the same memory. A model whose projection modules change (add_lora, merge_lora) gets a new
-    state. `release_decode_state(model)` frees it all.
+    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache of each row count is
+    one buffer [rows, layers, 2 (k, v), kv_heads, slots, head_dim] of the longest length seen; every layer's k and v
+    are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
+    same memory, and beam search reorders all layers' rows in one gather. A model whose projection modules change
+    (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
     """
 
     def __init__(self, model):
         self.signature = decode_signature(model)
         self.groups = projection_groups(model)
-        self.caches: dict[int, list[KVCache]] = {}
+        self.caches: dict[int, torch.Tensor] = {}
         self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+        self.installed: torch.Tensor | None = None
+        """The part of a buffer that the model's caches view during the current call."""
 
     def install_cache(self, model, rows: int, cache_len: int) -> None:
-        """Give the model KV caches of cache_len slots for rows rows, views of the buffers kept for that row count."""
+        """Give the model KV caches of cache_len slots for rows rows, views of the buffer kept for that row count."""
         full = self.caches.get(rows)
-        if full is None or full[0].k.shape[2] < cache_len:
-            for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffers about to be replaced
+        if full is None or full.shape[4] < cache_len:
+            for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffer about to be replaced
                 del self.steps[key]
             self.caches.pop(rows, None)
-            model.setup_cache(rows, cache_len)
-            self.caches[rows] = [layer.self_attn.kv_cache for layer in model.model.layers]
-            return
-        for layer, cache in zip(model.model.layers, full):
-            view = KVCache(rows, cache.k.shape[1], 0, cache.k.shape[3], cache.k.dtype, cache.k.device)
-            view.k, view.v = cache.k[:, :, :cache_len], cache.v[:, :, :cache_len]
+            attn, p = model.model.layers[0].self_attn, model.lm_head.weight
+            full = self.caches[rows] = torch.zeros((rows, len(model.model.layers), 2, attn.n_kv, cache_len,
+                                                    attn.head_dim), dtype=p.dtype, device=p.device)
+        self.installed = full[:, :, :, :, :cache_len]
+        for i, layer in enumerate(model.model.layers):
+            view = KVCache(rows, full.shape[3], 0, full.shape[5], full.dtype, full.device)
+            view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
             layer.self_attn.kv_cache = view
+
+    def reorder(self, model, rows: torch.Tensor, filled: int | None) -> bool:
+        """reorder_cache in one gather when the model's caches are views of the installed buffer; False otherwise."""
+        if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
+                self.installed.data_ptr():
+            return False
+        part = self.installed[:, :, :, :, :filled]
+        part.copy_(part.index_select(0, rows))
+        return True
 
     def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:
         key = (rows, cache_len)
@@ -144,12 +157,19 @@ def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def reorder_cache(model, rows: torch.Tensor) -> None:
-    """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape)."""
+def reorder_cache(model, rows: torch.Tensor, filled: int | None = None) -> None:
+    """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape).
+
+    Only the first `filled` slots are copied when given: later slots are written before any query reads them.
+    """
+    state = _states.get(model)
+    if state is not None and state.reorder(model, rows, filled):
+        return
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
-        cache.k.copy_(cache.k.index_select(0, rows))
-        cache.v.copy_(cache.v.index_select(0, rows))
+        for buf in (cache.k, cache.v):
+            part = buf[:, :, :filled]
+            part.copy_(part.index_select(0, rows))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, cache_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +284,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         improvable &= (best_running > worst_finished).any(dim=1)
         if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
             break
-        reorder_cache(model, source_rows)
+        reorder_cache(model, source_rows, width + t)
         logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
     return finished[:, 0]
@@ -323,6 +343,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
                 tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
                                      step)
     finally:
+        state.installed = None
         model.clear_cache()
         model.train(was_training)
     return cut_at_eos(tokens, eos_id)
