@@ -227,7 +227,8 @@ def main():
     ap.add_argument("--batch-sizes", default="1,8", help="random: batch sizes")
     ap.add_argument("--prompt-len", type=int, default=64, help="random: tokens a prompt")
     ap.add_argument("--new-tokens", type=int, default=None, help="new tokens a prompt (random 128, adl 64)")
-    ap.add_argument("--warmup", type=int, default=1, help="random: untimed runs per batch size (the first checks shapes)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="random: untimed runs per batch size (the first checks shapes)")
     ap.add_argument("--iters", type=int, default=3, help="random: timed runs per batch size (the median is reported)")
     ap.add_argument("--lengths", default=str(ADL_LENGTHS), help="adl: JSON list of [prompt length, ...] rows")
     ap.add_argument("--seed", type=int, default=0, help="adl: seed of the prompt lengths and tokens")

@@ -129,7 +129,8 @@ _states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def decode_signature(model) -> tuple:
     """What a DecodeState depends on: the identity of every module and LoRA's merged flags."""
-    return tuple((name, id(m), getattr(m, "merged", None)) for name, m in model.named_modules() if name.endswith("_proj"))
+    return tuple((name, id(m), getattr(m, "merged", None)) for name, m in model.named_modules()
+                 if name.endswith("_proj"))
 
 
 def decode_state(model) -> DecodeState:
@@ -330,12 +331,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     groups = state.groups if kernel_available(param) else []
     try:
         with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
-            if cuda_graph:
+            if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one
                 state.install_cache(model, rows, cache_len)
-                step = state.step(model, rows, cache_len, device)
             else:
                 model.setup_cache(rows, cache_len)
-                step = decode_one_token
+            step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
                                        generator, step)

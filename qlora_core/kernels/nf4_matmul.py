@@ -70,8 +70,10 @@ class NF4Weight:
                 or tuple(state.shape) != (out_f, in_f) or state.dtype not in WEIGHT_DTYPES
                 or state.absmax.dtype != torch.uint8):
             return None
-        return cls(layer, layer.weight.data.view(-1), state.absmax, state.state2.absmax.float(),
-                   state.state2.code.float(), state.offset.float().reshape(1), state.code.float(), out_f, in_f,
+        device = layer.weight.device
+        f32 = dict(device=device, dtype=torch.float32)
+        return cls(layer, layer.weight.data.view(-1), state.absmax.to(device), state.state2.absmax.to(**f32),
+                   state.state2.code.to(**f32), state.offset.to(**f32).reshape(1), state.code.to(**f32), out_f, in_f,
                    state.dtype)
 
     def dequantize(self) -> torch.Tensor:
