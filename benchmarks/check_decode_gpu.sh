@@ -43,7 +43,7 @@ for stage in "${stages[@]}"; do
   SECONDS=0
   case $stage in
     tests)
-      timeout 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_cuda.py -k "nf4 or cuda_graph" 2>&1 \
+      timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "nf4 or cuda_graph" 2>&1 \
         | tee "$OUT/pytest.txt" | tee -a "$OUT/log.txt" || status=1 ;;
     micro)
       timeout 150 "$PYTHON" -u benchmarks/bench_nf4_matmul.py --preset "$PRESET" --rows 1,3,24 \

@@ -109,12 +109,15 @@ class DecodeState:
             layer.self_attn.kv_cache = view
 
     def reorder(self, model, rows: torch.Tensor, filled: int | None) -> bool:
-        """reorder_cache in one gather when the model's caches are views of the installed buffer; False otherwise."""
+        """reorder_cache when the model's caches are views of the installed buffer (False otherwise): one gather of
+        the rows that change, all layers at once (beam search already waits for the GPU every step)."""
         if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
                 self.installed.data_ptr():
             return False
-        part = self.installed[:, :, :, :, :filled]
-        part.copy_(part.index_select(0, rows))
+        changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        if len(changed):
+            part = self.installed[:, :, :, :, :filled]
+            part.index_copy_(0, changed, part.index_select(0, rows[changed]))
         return True
 
     def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:

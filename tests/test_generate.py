@@ -207,7 +207,7 @@ def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
         c.k.normal_()
         c.v.normal_()
     before = [(c.k.clone(), c.v.clone()) for c in caches]
-    rows = torch.tensor([2, 2, 0])
+    rows = torch.tensor([2, 1, 1])  # row 1 stays
     gen.reorder_cache(model, rows, 40)
     for c, (k, v) in zip(caches, before):
         assert torch.equal(c.k[:, :, :40], k[rows, :, :40]) and torch.equal(c.k[:, :, 40:], k[:, :, 40:])
