@@ -154,7 +154,9 @@ def spread(batches: list, n_prompts: int) -> list:
     """Whole batches, evenly spaced over the job, holding about n_prompts prompts (all batches if n covers them)."""
     size = max(len(b) for b in batches)
     k = min(len(batches), max(1, -(-n_prompts // size)))
-    return [batches[round(i * (len(batches) - 1) / max(k - 1, 1))] for i in range(k)] if k < len(batches) else batches
+    if k == len(batches):
+        return batches
+    return [batches[int((i + 0.5) * len(batches) / k)] for i in range(k)]  # the middle of each k-th of the job
 
 
 def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dict]:
