@@ -1,27 +1,45 @@
-"""Greedy decoding speed: qlora_core's `generate` against transformers' `generate`, same NF4 + LoRA model, same card.
+"""Decoding speed: qlora_core's `generate` against transformers' `generate`, same NF4 + LoRA model, same card.
 
 Both sides: the base in NF4 with double quantization and bf16 compute, with an unmerged LoRA adapter (r=4 on the
-seven projections) on top, as an adapter is served after training. Prompts of `--prompt-len` random tokens (all
-the same length, so no padding), `--new-tokens` new tokens each, no stopping at EOS. A timed run is one whole
-generate call (prefill included); new tokens/s = batch x new tokens / median seconds, ms/token = median / new tokens.
-`match_prefix` is how many leading new tokens agree with the other side's, on average (random weights give nearly
-flat logits, so rounding differences flip ties early: a small number there is expected, not a bug by itself).
+seven projections) on top, as an adapter is served after training. No stopping at EOS (random weights).
 
-    python benchmarks/bench_generate.py --preset llama-2-7b --layers 32 --out generate.json             # on a GPU
+--workload random (default): greedy decoding of prompts of `--prompt-len` random tokens (all one length), batch
+sizes `--batch-sizes`, `--new-tokens` each. A timed run is one whole generate call (prefill included); new tokens/s =
+batch x new tokens / median seconds. `match_prefix` is how many leading new tokens agree with the other side's, on
+average (random weights give nearly flat logits, so rounding flips ties early: a small number is expected).
+
+--workload adl: the seed's inference job. Prompt lengths are drawn with a fixed seed from the ADL HW3 training set's
+Llama-2 prompt lengths (`--lengths`, first column), random tokens, 64 new tokens (`--new-tokens`):
+- mode greedy and beam3: batch 1, one prompt at a time (`--single-prompts`);
+- mode job: `--job-prompts` (250) prompts, 3 beams, in the batches infer.py makes (`length_batches`, `--batch-size`
+  8), through our `generate` and through transformers' batched `generate` (left padding, attention mask).
+new tokens/s = prompts x new tokens / seconds. The HF side is slow, so it runs `--hf-single-prompts` prompts at
+batch 1 and `--hf-job-prompts` prompts of the job (whole batches spread evenly over it); its rows say `prompts` and
+`extrapolated: true` when that is fewer than ours. Ours runs each mode once untimed first (kernel autotuning and
+graph capture; `cold_s` is that run's time).
+
+    python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
+    python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
     python benchmarks/bench_generate.py --preset tiny --device cpu --new-tokens 8 --iters 1              # smoke
+    python benchmarks/bench_generate.py --preset tiny --device cpu --workload adl --new-tokens 4 \\
+        --single-prompts 1 --job-prompts 10 --hf-single-prompts 1 --hf-job-prompts 8                     # smoke
 """
+import json
+import random
+from pathlib import Path
 
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, report, reset_peak, setup)
+                    peak_gib, report, reset_peak, setup, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
+ADL_LENGTHS = Path(__file__).resolve().parents[2] / "shared" / "data" / "adl-hw3" / "train_llama2_lengths.json"
 
 
 def load(impl: str, model_dir, device, args):
-    """The NF4 base with an unmerged LoRA adapter, in eval mode, and a function prompts [batch, len] -> new tokens."""
+    """The NF4 base with an unmerged LoRA adapter, in eval mode, and gen(prompts, num_beams) -> new tokens of each."""
     if impl.startswith("ours"):
         from qlora_core.checkpoint import load_model
         from qlora_core.generate import generate
@@ -31,11 +49,10 @@ def load(impl: str, model_dir, device, args):
         add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
         model.eval()
 
-        def run(prompts: torch.Tensor) -> torch.Tensor:
-            out = generate(model, prompts.tolist(), max_new_tokens=args.new_tokens, eos_id=None, pad_id=0,
-                           cuda_graph=impl == "ours" and str(device).startswith("cuda"))
-            return torch.tensor(out)
-        return model, run
+        def gen(prompts: list[list[int]], num_beams: int = 1) -> list[list[int]]:
+            return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None,
+                            pad_id=0, cuda_graph=impl == "ours" and str(device).startswith("cuda"))
+        return model, gen
 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -52,34 +69,39 @@ def load(impl: str, model_dir, device, args):
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
 
-    def run(prompts: torch.Tensor) -> torch.Tensor:
-        ids = prompts.to(device)
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, eos_token_id=None,
-                             pad_token_id=0)
-        return out[:, ids.shape[1]:].cpu()
-    return model, run
+    def gen(prompts: list[list[int]], num_beams: int = 1) -> list[list[int]]:
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros((len(prompts), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):  # left padding, as batched generation needs
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             num_beams=num_beams, early_stopping=False, max_new_tokens=args.new_tokens,
+                             min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
+        return out[:, width:].tolist()
+    return model, gen
 
 
 def run_impl(impl: str, model_dir, device, args, prompts: dict) -> tuple[list[dict], dict]:
-    """Rows (one per batch size) and the tokens each batch size produced."""
+    """--workload random: rows (one per batch size) and the tokens each batch size produced."""
     log(f"{impl}: loading")
     with cuda_timer(device) as load_t:
-        model, run = load(impl, model_dir, device, args)
+        model, gen = load(impl, model_dir, device, args)
     weights_gib = allocated_gib(device)
     rows, tokens = [], {}
     for batch, p in prompts.items():
-        tokens[batch] = run(p)
+        tokens[batch] = torch.tensor(gen(p.tolist()))
         if tokens[batch].shape != (batch, args.new_tokens):
             raise RuntimeError(f"{impl} returned new tokens of shape {tuple(tokens[batch].shape)}, "
                                f"expected {(batch, args.new_tokens)}")
         reset_peak(device)
-        timing = measure(lambda: run(p), args.warmup - 1 if args.warmup else 0, args.iters, device)
+        timing = measure(lambda: gen(p.tolist()), args.warmup - 1 if args.warmup else 0, args.iters, device)
         rows.append({"impl": impl, "batch": batch, "new_tokens_per_s": batch * args.new_tokens / timing["median_s"],
                      "ms_per_token": 1000 * timing["median_s"] / args.new_tokens, **peak_gib(device),
                      "weights_gib": weights_gib, "load_s": load_t["s"], "times_s": timing["times_s"]})
         log(f"{impl} batch {batch}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s")
-    del model, run
+    del model, gen
     return rows, tokens
 
 
@@ -89,23 +111,13 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> float:
     return same.sum(dim=1).float().mean().item()
 
 
-def main():
-    ap = base_parser(__doc__, IMPLS)
-    ap.add_argument("--batch-sizes", default="1,8")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per batch size (the first checks shapes)")
-    ap.add_argument("--iters", type=int, default=3, help="timed runs per batch size (the median is reported)")
-    args = ap.parse_args()
-
-    impls, cfg, model_dir = setup(args, IMPLS)
+def random_workload(args, impls, cfg, model_dir):
     gen = torch.Generator().manual_seed(0)
     prompts = {}
     for b in (int(x) for x in args.batch_sizes.split(",")):
         prompts[b] = torch.randint(3, cfg.vocab_size, (b, args.prompt_len), generator=gen)
         prompts[b][:, 0] = 1
     torch.manual_seed(0)
-
     rows, outputs = [], {}
     for impl in impls:
         free_memory(args.device)
@@ -125,6 +137,119 @@ def main():
     report(args, rows, ["impl", "batch", "new_tokens_per_s", "ms_per_token", "peak_alloc_gib", "peak_reserved_gib",
                         "weights_gib", "load_s", "match_prefix", "equals_eager", "ours/new_tokens_per_s",
                         "ours/peak_alloc_gib"], cfg, model_dir, "generate")
+
+
+def adl_prompts(lengths_path, n: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """n prompts whose lengths are drawn (with replacement, fixed seed) from the first column of the lengths file;
+    BOS then random tokens."""
+    path = Path(lengths_path)
+    if not path.is_file():
+        raise SystemExit(f"{path}: no such file (the ADL prompt lengths; give --lengths)")
+    lengths = [row[0] for row in json.loads(path.read_text())]
+    rng = random.Random(seed)
+    return [[1] + [rng.randrange(3, vocab_size) for _ in range(rng.choice(lengths) - 1)] for _ in range(n)]
+
+
+def spread(batches: list, n_prompts: int) -> list:
+    """Whole batches, evenly spaced over the job, holding about n_prompts prompts (all batches if n covers them)."""
+    size = max(len(b) for b in batches)
+    k = min(len(batches), max(1, -(-n_prompts // size)))
+    if k == len(batches):
+        return batches
+    return [batches[int((i + 0.5) * len(batches) / k)] for i in range(k)]  # the middle of each k-th of the job
+
+
+def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dict]:
+    """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation."""
+    from qlora_core.generate import length_batches
+    log(f"{impl}: loading")
+    with cuda_timer(device) as load_t:
+        model, gen = load(impl, model_dir, device, args)
+    hf = impl == "hf"
+    batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
+    modes = [("greedy", 1, 1, [[p] for p in single[:args.hf_single_prompts if hf else None]]),
+             ("beam3", 1, 3, [[p] for p in single[:args.hf_single_prompts if hf else None]]),
+             ("job", args.batch_size, 3, spread(batches, args.hf_job_prompts) if hf else batches)]
+    rows = []
+    for mode, batch, beams, work in modes:
+        if mode not in args.modes.split(","):
+            continue
+
+        def run():
+            for b in work:
+                out = gen(b, beams)
+                if any(len(t) != args.new_tokens for t in out):
+                    raise RuntimeError(f"{impl} {mode}: rows of {[len(t) for t in out]} new tokens, expected "
+                                       f"{args.new_tokens}")
+
+        cold = None
+        if not hf:
+            with cuda_timer(device) as t:
+                run()  # untimed: autotuning, graph capture, allocator warm-up
+            cold = t["s"]
+        reset_peak(device)
+        with cuda_timer(device) as t:
+            run()
+        n_prompts = sum(len(b) for b in work)
+        total = len(single) if mode != "job" else len(job)
+        rows.append({"impl": impl, "mode": mode, "batch": batch, "num_beams": beams,
+                     "new_tokens_per_s": n_prompts * args.new_tokens / t["s"], "seconds": t["s"],
+                     "prompts": n_prompts, "extrapolated": n_prompts < total,
+                     "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
+                     **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
+        log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
+    del model, gen
+    return rows
+
+
+def adl_workload(args, impls, cfg, model_dir):
+    prompts = adl_prompts(args.lengths, args.single_prompts + args.job_prompts, cfg.vocab_size, args.seed)
+    single, job = prompts[:args.single_prompts], prompts[args.single_prompts:]
+    rows = []
+    for impl in impls:
+        free_memory(args.device)
+        try:
+            rows += adl_impl(impl, model_dir, args.device, args, single, job)
+        except Exception as e:
+            log(f"{impl}: failed: {type(e).__name__}: {e}")
+            rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
+        free_memory(args.device)
+        if args.out:  # what is done so far survives a run cut short
+            write_json(args.out, rows, args.device, benchmark="decode", partial=True)
+    add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
+    report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
+                        "job_seconds", "peak_alloc_gib", "cold_s", "load_s", "ours/new_tokens_per_s",
+                        "ours/peak_alloc_gib"], cfg, model_dir, "decode",
+           prompt_lengths=[len(p) for p in prompts])
+
+
+def main():
+    ap = base_parser(__doc__, IMPLS)
+    ap.add_argument("--workload", choices=("random", "adl"), default="random")
+    ap.add_argument("--batch-sizes", default="1,8", help="random: batch sizes")
+    ap.add_argument("--prompt-len", type=int, default=64, help="random: tokens a prompt")
+    ap.add_argument("--new-tokens", type=int, default=None, help="new tokens a prompt (random 128, adl 64)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="random: untimed runs per batch size (the first checks shapes)")
+    ap.add_argument("--iters", type=int, default=3, help="random: timed runs per batch size (the median is reported)")
+    ap.add_argument("--lengths", default=str(ADL_LENGTHS), help="adl: JSON list of [prompt length, ...] rows")
+    ap.add_argument("--seed", type=int, default=0, help="adl: seed of the prompt lengths and tokens")
+    ap.add_argument("--modes", default="greedy,beam3,job", help="adl: which of greedy, beam3, job to run")
+    ap.add_argument("--single-prompts", type=int, default=8, help="adl: prompts of the batch-1 modes")
+    ap.add_argument("--job-prompts", type=int, default=250, help="adl: prompts of the job")
+    ap.add_argument("--batch-size", type=int, default=8, help="adl: the job's batch size (infer.py's default)")
+    ap.add_argument("--hf-single-prompts", type=int, default=2, help="adl: HF runs this many of the batch-1 prompts")
+    ap.add_argument("--hf-job-prompts", type=int, default=24,
+                    help="adl: HF runs whole job batches holding about this many prompts; its rate is extrapolated")
+    args = ap.parse_args()
+    if args.new_tokens is None:
+        args.new_tokens = 64 if args.workload == "adl" else 128
+    impls, cfg, model_dir = setup(args, IMPLS)
+    if args.workload == "adl":
+        adl_workload(args, [i for i in impls if i != "ours-eager"], cfg, model_dir)
+    else:
+        random_workload(args, impls, cfg, model_dir)
+
 
 if __name__ == "__main__":
     main()

@@ -5,10 +5,15 @@ function of fixed-shape tensors (`decode_one_token`), so a CUDA graph can captur
 batch * num_beams rows and reorders the cache in place. It reproduces transformers' `generate(do_sample=False,
 num_beams=N, early_stopping=False)` token for token: see `beam_search`.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .kernels.fused_projections import fused_projections, projection_groups
+from .kernels.nf4_matmul import kernel_available
+from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
 from .tokenizer import padding_id
 from .util import QLoRAError, log
@@ -16,6 +21,9 @@ from .util import QLoRAError, log
 PROMPT_MODES = ("zero-shot", "few-shot", "lora")
 NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
+CACHE_BUCKET = 64
+"""On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
+one captured decode step."""
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -39,18 +47,18 @@ class GraphedDecodeStep:
 
     A decode step of a 7B model launches thousands of small kernels; replaying the graph launches them as one,
     so the host no longer sets the pace. Capture runs the step on a cache slot (0) that the prefill overwrites
-    afterwards, so it must be built after setup_cache and before the prefill. Inputs are copied into the
-    graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call.
+    afterwards, so it must be built after the cache is installed and before the prefill. Inputs are copied into the
+    graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call. The graph
+    reads the model's weights and KV cache where they were at capture: DecodeState keeps both in place between calls.
     """
 
     def __init__(self, model, rows: int, cache_len: int, device):
-        self.model = model
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation must not be captured
+        with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation (and autotuning) is not captured
             for _ in range(2):
                 decode_one_token(model, self.token, self.input_pos, self.mask)
         torch.cuda.current_stream(device).wait_stream(side)
@@ -66,12 +74,94 @@ class GraphedDecodeStep:
         return self.logits
 
 
+<<<<<<< HEAD
 def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """The distribution a token is drawn from: softmax(logits / T) kept on its top-p nucleus, renormalised.
 
     The nucleus is the smallest set of most likely tokens whose mass reaches top_p, as in transformers'
     TopPLogitsWarper; the most likely token is always in it.
     """
+=======
+class DecodeState:
+    """What `generate` keeps between calls on one model: its projection groups, KV caches and captured decode steps.
+
+    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache of each row count is
+    one buffer [rows, layers, 2 (k, v), kv_heads, slots, head_dim] of the longest length seen; every layer's k and v
+    are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
+    same memory, and beam search reorders all layers' rows in one gather. A model whose projection modules change
+    (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
+    """
+
+    def __init__(self, model):
+        self.signature = decode_signature(model)
+        self.groups = projection_groups(model)
+        self.caches: dict[int, torch.Tensor] = {}
+        self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+        self.installed: torch.Tensor | None = None
+        """The part of a buffer that the model's caches view during the current call."""
+
+    def install_cache(self, model, rows: int, cache_len: int) -> None:
+        """Give the model KV caches of cache_len slots for rows rows, views of the buffer kept for that row count."""
+        full = self.caches.get(rows)
+        if full is None or full.shape[4] < cache_len:
+            for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffer about to be replaced
+                del self.steps[key]
+            self.caches.pop(rows, None)
+            attn, p = model.model.layers[0].self_attn, model.lm_head.weight
+            full = self.caches[rows] = torch.zeros((rows, len(model.model.layers), 2, attn.n_kv, cache_len,
+                                                    attn.head_dim), dtype=p.dtype, device=p.device)
+        self.installed = full[:, :, :, :, :cache_len]
+        for i, layer in enumerate(model.model.layers):
+            view = KVCache(rows, full.shape[3], 0, full.shape[5], full.dtype, full.device)
+            view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
+            layer.self_attn.kv_cache = view
+
+    def reorder(self, model, rows: torch.Tensor, filled: int | None) -> bool:
+        """reorder_cache when the model's caches are views of the installed buffer (False otherwise): one gather of
+        the rows that change, all layers at once (beam search already waits for the GPU every step)."""
+        if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
+                self.installed.data_ptr():
+            return False
+        changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
+        if len(changed):
+            part = self.installed[:, :, :, :, :filled]
+            part.index_copy_(0, changed, part.index_select(0, rows[changed]))
+        return True
+
+    def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:
+        key = (rows, cache_len)
+        if key not in self.steps:
+            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device)
+        return self.steps[key]
+
+
+_states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decode_signature(model) -> tuple:
+    """What a DecodeState depends on: the identity of every module and LoRA's merged flags."""
+    return tuple((name, id(m), getattr(m, "merged", None)) for name, m in model.named_modules()
+                 if name.endswith("_proj"))
+
+
+def decode_state(model) -> DecodeState:
+    state = _states.get(model)
+    if state is None or state.signature != decode_signature(model):
+        state = _states[model] = DecodeState(model)
+    return state
+
+
+def release_decode_state(model) -> None:
+    """Free the KV caches and CUDA graphs that generate keeps for the model between calls."""
+    _states.pop(model, None)
+
+
+def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens [rows]: argmax when temperature is 0, else a sample from the top-p nucleus of softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+>>>>>>> issue9
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -89,12 +179,19 @@ def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
-def reorder_cache(model, rows: torch.Tensor) -> None:
-    """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape)."""
+def reorder_cache(model, rows: torch.Tensor, filled: int | None = None) -> None:
+    """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape).
+
+    Only the first `filled` slots are copied when given: later slots are written before any query reads them.
+    """
+    state = _states.get(model)
+    if state is not None and state.reorder(model, rows, filled):
+        return
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
-        cache.k.copy_(cache.k.index_select(0, rows))
-        cache.v.copy_(cache.v.index_select(0, rows))
+        for buf in (cache.k, cache.v):
+            part = buf[:, :, :filled]
+            part.copy_(part.index_select(0, rows))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, cache_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +306,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         improvable &= (best_running > worst_finished).any(dim=1)
         if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
             break
-        reorder_cache(model, source_rows)
+        reorder_cache(model, source_rows, width + t)
         logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
     return finished[:, 0]
@@ -225,7 +322,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     semantics of transformers' `generate(do_sample=False, num_beams=N, length_penalty=..., early_stopping=False)`.
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
-    cuda_graph replays each decode step from a CUDA graph (see GraphedDecodeStep); None means on for CUDA models.
+    cuda_graph replays each decode step from a CUDA graph kept for later calls of the same rows and cache-length
+    bucket (see DecodeState); None means on for CUDA models. On CUDA, NF4 projections run through the fused decode
+    kernels (see kernels/fused_projections.py) whenever the rows are few.
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -241,15 +340,23 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     if cuda_graph and device.type != "cuda":
         raise QLoRAError(f"cuda_graph=True needs a model on a CUDA device, not {device}")
     expanded = [p for p in prompts for _ in range(num_beams)]
-    width = max(len(p) for p in prompts)
-    ids, mask = left_pad(expanded, pad_id, width + max_new_tokens, device)
+    rows, width = len(expanded), max(len(p) for p in prompts)
+    cache_len = width + max_new_tokens
+    if device.type == "cuda":  # eager decoding too, so that it attends over the same slots as the graphed one
+        cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
+    ids, mask = left_pad(expanded, pad_id, cache_len, device)
     was_training = model.training
     model.eval()
+    state = decode_state(model)
+    param = next(model.parameters())
+    groups = state.groups if kernel_available(param) else []
     try:
-        with torch.inference_mode():
-            model.setup_cache(len(expanded), width + max_new_tokens)
-            step = GraphedDecodeStep(model, len(expanded), width + max_new_tokens, device) if cuda_graph \
-                else decode_one_token
+        with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
+            if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one
+                state.install_cache(model, rows, cache_len)
+            else:
+                model.setup_cache(rows, cache_len)
+            step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
                                        generator, step)
@@ -257,6 +364,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
                 tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
                                      step)
     finally:
+        state.installed = None
         model.clear_cache()
         model.train(was_training)
     return cut_at_eos(tokens, eos_id)
@@ -290,6 +398,13 @@ def build_prompts(tok, instructions: list[str], mode: str = "zero-shot", example
     return prompts
 
 
+def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices of prompts in batches of batch_size, longest prompts first: similar lengths share a batch (little
+    padding, few cache-length buckets), and a batch that runs out of memory comes first."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
                    num_beams: int = 1, progress: bool = True, **sampling) -> list[str]:
     """Decoded outputs of prompts (token ids) in their order, generated in batches of similar prompt lengths.
@@ -300,10 +415,8 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
     if batch_size < 1:
         raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
     pad_id = padding_id(tok)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # longest first: memory errors show early
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     texts = [""] * len(prompts)
-    for batch in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+    for batch in tqdm(length_batches(prompts, batch_size), desc="generating", unit="batch", disable=not progress):
         new = generate(model, [prompts[i] for i in batch], max_new_tokens, num_beams=num_beams,
                        eos_id=tok.eos_id, pad_id=pad_id, **sampling)
         for i, tokens in zip(batch, new):

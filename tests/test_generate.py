@@ -203,3 +203,35 @@ def test_cuda_graph_needs_a_cuda_model(tmp_path):
     model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
     with pytest.raises(gen.QLoRAError, match="cuda_graph=True needs a model on a CUDA device"):
         gen.generate(model, [[1, 5, 9]], 4, cuda_graph=True)
+
+
+def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
+    """Captured steps read the KV cache where it was at capture: a shorter call gets views of the kept buffer, a
+    longer one replaces it (and drops the steps captured on it); reordering it equals reordering layer by layer;
+    new LoRA layers give the model a new state."""
+    from qlora_core.lora import add_lora
+    write_checkpoint(tmp_path)
+    model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    state = gen.decode_state(model)
+    assert gen.decode_state(model) is state
+    state.install_cache(model, 3, 128)
+    full = model.model.layers[0].self_attn.kv_cache.k
+    state.steps[(3, 128)] = state.steps[(2, 64)] = "captured"
+    state.install_cache(model, 3, 64)
+    caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+    assert caches[0].k.shape[2] == 64 and caches[0].k.data_ptr() == full.data_ptr() and (3, 128) in state.steps
+    for c in caches:
+        c.k.normal_()
+        c.v.normal_()
+    before = [(c.k.clone(), c.v.clone()) for c in caches]
+    rows = torch.tensor([2, 1, 1])  # row 1 stays
+    gen.reorder_cache(model, rows, 40)
+    for c, (k, v) in zip(caches, before):
+        assert torch.equal(c.k[:, :, :40], k[rows, :, :40]) and torch.equal(c.k[:, :, 40:], k[:, :, 40:])
+        assert torch.equal(c.v[:, :, :40], v[rows, :, :40])
+    state.install_cache(model, 3, 192)
+    assert model.model.layers[1].self_attn.kv_cache.v.shape[2] == 192 and list(state.steps) == [(2, 64)]
+    model.clear_cache()
+    add_lora(model)
+    assert gen.decode_state(model) is not state
+    gen.release_decode_state(model)

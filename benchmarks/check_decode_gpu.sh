@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 9's GPU checks in one call: the NF4 kernel's CUDA tests, its microbenchmark against bitsandbytes, and the
+# ADL decoding benchmark (ours vs transformers + peft + bitsandbytes) at Llama-2-7B's shape with random weights.
+#
+#   OUT=/some/dir bash benchmarks/check_decode_gpu.sh [micro] [tests] [adl]      # all three when none is named
+#
+# Writes $OUT/pytest.txt, $OUT/nf4_matmul.json, $OUT/decode.json and the whole output in $OUT/log.txt.
+# Needs the ADL prompt lengths: $LENGTHS, or .bench/train_llama2_lengths.json (carry .bench), or
+# ../shared/data/adl-hw3/train_llama2_lengths.json. Installs .whl/*.whl first if .whl/ exists (carry .whl).
+# Settings: LAYERS (32), PRESET (llama-2-7b), WORKDIR (/tmp/qlora_bench), PYTHON (python3), ADL_ARGS (more flags for
+# bench_generate.py, e.g. "--hf-job-prompts 16"). Stages have time limits (micro 150 s, tests 150 s, adl what is
+# left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
+set -uo pipefail
+: "${OUT:?set OUT to the folder for the results}"
+LAYERS=${LAYERS:-32}
+PRESET=${PRESET:-llama-2-7b}
+WORKDIR=${WORKDIR:-/tmp/qlora_bench}
+PYTHON=${PYTHON:-python3}
+BUDGET=${BUDGET:-580}
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(micro tests adl)  # micro compiles the kernels the others then find cached
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ -d .whl ]; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+LENGTHS=${LENGTHS:-}
+for f in .bench/train_llama2_lengths.json ../shared/data/adl-hw3/train_llama2_lengths.json; do
+  [ -z "$LENGTHS" ] && [ -f "$f" ] && LENGTHS=$f
+done
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  "$PYTHON" -c 'import torch, triton, transformers, peft, bitsandbytes; print("torch", torch.__version__, "cuda", torch.version.cuda, "| triton", triton.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__, "| bitsandbytes", bitsandbytes.__version__)'
+  echo "git $(git rev-parse HEAD 2>/dev/null) lengths ${LENGTHS:-missing}"
+} 2>&1 | tee "$OUT/log.txt"
+status=0
+start=$(date +%s)
+for stage in "${stages[@]}"; do
+  SECONDS=0
+  case $stage in
+    tests)
+      timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py -k "nf4 or cuda_graph" 2>&1 \
+        | tee "$OUT/pytest.txt" | tee -a "$OUT/log.txt" || status=1 ;;
+    micro)
+      timeout 150 "$PYTHON" -u benchmarks/bench_nf4_matmul.py --preset "$PRESET" --rows 1,3,24 \
+        --out "$OUT/nf4_matmul.json" 2>&1 | tee -a "$OUT/log.txt" || status=1 ;;
+    adl)
+      [ -n "$LENGTHS" ] || { echo "no ADL lengths file (set LENGTHS or carry .bench)" | tee -a "$OUT/log.txt"; status=1; continue; }
+      left=$((BUDGET - ($(date +%s) - start)))
+      timeout "$left" "$PYTHON" -u benchmarks/bench_generate.py --workload adl --preset "$PRESET" --layers "$LAYERS" \
+        --workdir "$WORKDIR" --lengths "$LENGTHS" --out "$OUT/decode.json" ${ADL_ARGS:-} 2>&1 \
+        | tee -a "$OUT/log.txt" || status=1 ;;
+    *) echo "unknown stage $stage (tests, micro, adl)"; exit 2 ;;
+  esac
+  echo "$stage took $SECONDS s (status so far $status)" | tee -a "$OUT/log.txt"
+done
+exit $status

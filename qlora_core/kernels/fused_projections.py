@@ -1,0 +1,114 @@
+"""The projections of a decoder layer at decode time: one NF4 kernel per group of projections that share an input.
+
+q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
+- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in), and
+- one `nf4_matmul` launch over the group's 4-bit weights with h @ B^T added in its epilogue,
+instead of a bitsandbytes call and four LoRA kernels per projection. The model's code is unchanged: while
+`fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first member of a
+group called with an input computes the whole group and keeps the other members' outputs for their calls with the
+same input tensor. Calls the kernel cannot take (many rows, training, CPU) run the layer's own forward.
+"""
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import is_4bit
+from .nf4_matmul import MAX_ROWS, LoRAInputs, NF4Weight, kernel_available, nf4_matmul
+
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+"""Projections that share an input, by the submodule that holds them."""
+
+
+def _parts(module):
+    """(the 4-bit layer, the LoRA layer or None) of a projection: a bnb.nn.Linear4bit, or a LoRA layer over one in
+    lora.py's layout (base_layer, lora_A, lora_B, scaling); None for anything else (it keeps its own forward)."""
+    if is_4bit(module):
+        return module, None
+    base = getattr(module, "base_layer", None)
+    if base is not None and is_4bit(base) and all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")):
+        return base, module
+    return None
+
+
+class ProjectionGroup:
+    """Projections sharing an input whose bases are NF4 weights the kernel reads, computed by one launch."""
+
+    def __init__(self, modules: list):
+        self.modules = modules
+        parts = [_parts(m) for m in modules]
+        self.weights = [NF4Weight.of(p[0]) if p is not None else None for p in parts]
+        self.loras = [p[1] if p is not None and p[1] is not None and not getattr(p[1], "merged", False) else None
+                      for p in parts]
+        self.ranks = [lora.lora_A.weight.shape[0] if lora is not None else 0 for lora in self.loras]
+        self.a = None
+        """alpha/r * A of every member stacked [sum r, in], in the compute dtype; rewritten in place by refresh."""
+        self.pending = None
+        """(input, {member index: output}) of the members not yet called with that input."""
+
+    @property
+    def ok(self) -> bool:
+        return all(w is not None for w in self.weights)
+
+    def refresh(self, dtype: torch.dtype) -> None:
+        """Copy the adapters' current A (they may have been trained or loaded since) into the stacked buffer."""
+        if not any(self.ranks):
+            return
+        with torch.no_grad():
+            stacked = torch.cat([lora.lora_A.weight * lora.scaling for lora in self.loras if lora is not None])
+            if self.a is None or self.a.dtype != dtype:
+                self.a = torch.empty_like(stacked, dtype=dtype)
+            self.a.copy_(stacked)
+
+    def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Member `index`'s output for x."""
+        if self.pending is not None and self.pending[0] is x and index in self.pending[1]:
+            out = self.pending[1].pop(index)
+            if not self.pending[1]:
+                self.pending = None
+            return out
+        module = self.modules[index]
+        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled() or not kernel_available(x)
+                or (any(self.ranks) and self.a is None)):
+            return type(module).forward(module, x)
+        lora = None
+        if any(self.ranks):
+            h = F.linear(x, self.a.to(x.dtype))
+            lora = LoRAInputs(h, [m.lora_B.weight if m is not None else None for m in self.loras], self.ranks)
+        y = nf4_matmul(x, self.weights, lora, use_kernel=True)
+        outs = y.split([w.out_features for w in self.weights], dim=-1)
+        others = {i: o for i, o in enumerate(outs) if i != index}
+        self.pending = (x, others) if others else None
+        return outs[index]
+
+
+def projection_groups(model) -> list[ProjectionGroup]:
+    """The groups of every decoder layer whose members all have NF4 bases the kernel reads."""
+    groups = []
+    for layer in model.model.layers:
+        for holder, names in GROUPS:
+            parent = getattr(layer, holder, None)
+            modules = [getattr(parent, n, None) for n in names]
+            if any(m is None or _parts(m) is None for m in modules):
+                continue
+            group = ProjectionGroup(modules)
+            if group.ok:
+                groups.append(group)
+    return groups
+
+
+@contextmanager
+def fused_projections(model, groups: list[ProjectionGroup], dtype: torch.dtype):
+    """Within the block the groups' members compute through their group (see the module's docstring)."""
+    for group in groups:
+        group.refresh(dtype)
+        for i, m in enumerate(group.modules):
+            m.forward = lambda x, group=group, i=i: group.forward(i, x)
+    try:
+        yield
+    finally:
+        for group in groups:
+            group.pending = None
+            for m in group.modules:
+                del m.forward
