@@ -158,10 +158,11 @@ def preset_projection_shapes(name: str) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("preset", ["llama-2-7b", "llama-3-8b"])
-def test_nf4_kernel_matches_bitsandbytes_on_preset_shapes(preset):
+def test_nf4_kernel_matches_bitsandbytes_on_preset_shapes(preset, monkeypatch):
     """The kernel equals dequantize_4bit + matmul to bf16 rounding on every projection shape, alone and in the
     groups decoding uses (q/k/v, gate/up) with LoRA, at the row counts of batch 1, beam 3 and a batch of 8 x 3."""
     from qlora_core.kernels import nf4_matmul as nf4
+    monkeypatch.setenv("QLORA_NF4_KERNEL", "1")
     from qlora_core.quant import nf4_linear
     from test_nf4_matmul import assert_matches, dense_reference
     shapes = preset_projection_shapes(preset)
@@ -210,6 +211,7 @@ def test_nf4_kernel_decoding_equals_bitsandbytes(tmp_path, monkeypatch, num_beam
     import triton
     from qlora_core.generate import decode_state, release_decode_state
     from qlora_core.kernels import nf4_matmul as nf4
+    monkeypatch.setenv("QLORA_NF4_KERNEL", "1")
     model = small_nf4_lora_model(tmp_path, torch.float32)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (3, 11, 7, 1, 16, 5, 9, 2)]
     # One tile for every row count (float32 tiles are not used by the 7B benchmarks: no autotuning to compile for).
@@ -221,7 +223,7 @@ def test_nf4_kernel_decoding_equals_bitsandbytes(tmp_path, monkeypatch, num_beam
         monkeypatch.setenv("QLORA_NF4_KERNEL", "0")
         release_decode_state(model)
         plain = generate(model, batch, 24, num_beams=num_beams)
-        monkeypatch.delenv("QLORA_NF4_KERNEL")
+        monkeypatch.setenv("QLORA_NF4_KERNEL", "1")
         release_decode_state(model)
         assert fused == plain
     assert not nf4._failed
@@ -229,6 +231,7 @@ def test_nf4_kernel_decoding_equals_bitsandbytes(tmp_path, monkeypatch, num_beam
 
 def test_nf4_kernel_bf16_logits_match_bitsandbytes(tmp_path, monkeypatch):
     from qlora_core.kernels.fused_projections import fused_projections, projection_groups
+    monkeypatch.setenv("QLORA_NF4_KERNEL", "1")
     model = small_nf4_lora_model(tmp_path, torch.bfloat16).eval()
     ids = torch.randint(3, 128, (6, 1), device="cuda")
     with torch.inference_mode():

@@ -98,11 +98,12 @@ class LoRAInputs:
 
 
 def kernel_available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernel can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1 (tests).
+    """Whether the Triton kernel is on and can run on x's device: CUDA, or the CPU under TRITON_INTERPRET=1 (tests).
 
-    QLORA_NF4_KERNEL=0 in the environment turns it off (decoding then goes through bitsandbytes throughout).
+    It is off unless QLORA_NF4_KERNEL=1: on an H100 it is still slower than bitsandbytes' GEMV for the o and down
+    projections at one row, and than dequantize + GEMM at 24 rows (benchmarks/results/nf4_matmul.json).
     """
-    if triton is None or os.environ.get("QLORA_NF4_KERNEL", "1") == "0":
+    if triton is None or os.environ.get("QLORA_NF4_KERNEL", "0") != "1":
         return False
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
