@@ -74,14 +74,6 @@ class GraphedDecodeStep:
         return self.logits
 
 
-<<<<<<< HEAD
-def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
-    """The distribution a token is drawn from: softmax(logits / T) kept on its top-p nucleus, renormalised.
-
-    The nucleus is the smallest set of most likely tokens whose mass reaches top_p, as in transformers'
-    TopPLogitsWarper; the most likely token is always in it.
-    """
-=======
 class DecodeState:
     """What `generate` keeps between calls on one model: its projection groups, KV caches and captured decode steps.
 
@@ -156,12 +148,12 @@ def release_decode_state(model) -> None:
     _states.pop(model, None)
 
 
-def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next tokens [rows]: argmax when temperature is 0, else a sample from the top-p nucleus of softmax(logits / T)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
->>>>>>> issue9
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """The distribution a token is drawn from: softmax(logits / T) kept on its top-p nucleus, renormalised.
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches top_p, as in transformers'
+    TopPLogitsWarper; the most likely token is always in it.
+    """
     probs = torch.softmax(logits / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
