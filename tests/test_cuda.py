@@ -13,7 +13,7 @@ import torch
 
 from conftest import write_checkpoint
 from qlora_core import load_model
-from qlora_core.builtin import NAME as BUILTIN_NAME
+from qlora_core.builtin import NAME as BUILTIN_NAME, builtin_model_dir
 from qlora_core.generate import generate
 from qlora_core.lora import add_lora
 from qlora_core.quant import is_4bit, storage_bytes
@@ -60,7 +60,7 @@ def test_train_resume_and_infer_on_cuda(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = tmp_path / "run"
     train = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "12", "--save-every", "6",
-             "--eval-every", "6"]
+             "--eval-every", "6", "--model", str(builtin_model_dir(tmp_path / "cache"))]
     first = subprocess.run(train + ["--max-steps", "12"], env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import need_shared, write_checkpoint
 from qlora_core import load_model
+from qlora_core.builtin import builtin_model_dir
 from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, collate
 from qlora_core.lora import add_lora
 from qlora_core.trainer import BatchStream, TrainConfig, accumulate_gradients, loss_sum, train
@@ -144,7 +145,7 @@ def test_metrics_checkpoints_and_learning_curve(tmp_path):
 def run_train(out, *extra, wait=True):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
-           "--train-file", str(DEFAULT_TRAIN),
+           "--train-file", str(DEFAULT_TRAIN), "--model", str(builtin_model_dir(out.parent / "cache")),
            *extra]
     env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache")}
     if not wait:
