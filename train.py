@@ -10,12 +10,11 @@ The seed's job (Taiwan-LLaMA-v2-chat on ADL HW3):
 """
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from qlora_core import load_model, load_tokenizer
-from qlora_core.defaults import SAMPLES, default_model_dir, eval_perplexities, job_scale, sample_translations, summary
+from qlora_core.defaults import SAMPLES, default_model_dir, job_scale, sample_translations, summary
 from qlora_core.checkpoint import DTYPES, add_model_flags
 from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
 from qlora_core.lora import add_lora, parameter_summary
@@ -115,17 +114,16 @@ def main(argv=None):
                            progress=False)
         return {"eval_perplexity": sum(ppl) / len(ppl)}
 
-    samples = eval_records[:SAMPLES] if default_job else []
-    zero_shot = sample_translations(model, tok, samples) if samples else []
-    metrics = Path(cfg.output_dir) / "metrics.jsonl"
-    rows_before = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    if default_job:  # held-out perplexity and samples before and after; the trainer evaluates only when asked to
+        before, zero_shot = eval_fn(model)["eval_perplexity"], sample_translations(model, tok, eval_records[:SAMPLES])
+        eval_examples = eval_examples if cfg.eval_every else None
     result = train(model, train_examples, pad_id, cfg, eval_examples, eval_fn if eval_records else None,
                    resume=args.resume)
     if result["stopped_by"]:
         sys.exit(130 if result["stopped_by"] == "SIGINT" else 143)
-    ppl = eval_perplexities(metrics, rows_before)
-    if samples and len(ppl) >= 2:
-        print(summary(ppl[0], ppl[-1], samples, zero_shot, sample_translations(model, tok, samples)))
+    if default_job:
+        tuned = sample_translations(model, tok, eval_records[:SAMPLES])
+        print(summary(before, eval_fn(model)["eval_perplexity"], eval_records[:SAMPLES], zero_shot, tuned))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ own code needs llm and llama-cpp-python, so it is found here without being impor
 falls back to the built-in random-weight demo model and says so.
 """
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +79,6 @@ def sample_translations(model, tok, records: list[dict], max_new_tokens: int = 4
     """Greedy zero-shot-template outputs for records (the tuned model's prompt, as infer.py --prompt lora)."""
     prompts = build_prompts(tok, [r["instruction"] for r in records], "zero-shot")
     return generate_texts(model, tok, prompts, max_new_tokens, batch_size=len(prompts), progress=False)
-
-
-def eval_perplexities(metrics_path: Path, skip_rows: int) -> list[float]:
-    """The eval_perplexity values that a run appended to metrics.jsonl after its first skip_rows rows."""
-    lines = [line for line in metrics_path.read_text().splitlines() if line.strip()][skip_rows:]
-    return [row["eval_perplexity"] for row in map(json.loads, lines) if "eval_perplexity" in row]
 
 
 def summary(before: float, after: float, records: list[dict], zero_shot: list[str], tuned: list[str]) -> str:

