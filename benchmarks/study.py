@@ -11,6 +11,7 @@ same converted checkpoint. --out gets results.json, learning_curve.png and table
 one half and merges it into an existing results.json, for machines with a short limit per command.
 """
 import argparse
+import inspect
 import json
 import math
 import shutil
@@ -30,6 +31,7 @@ from qlora_core.defaults import smollm2_gguf  # noqa: E402
 from qlora_core.generate import build_prompts, generate_texts  # noqa: E402
 from qlora_core.lora import add_lora  # noqa: E402
 from qlora_core.metrics import perplexities, perplexity_example  # noqa: E402
+from qlora_core.optim import warmup_steps  # noqa: E402
 from qlora_core.prompts import few_shot_prompt, select_few_shot  # noqa: E402
 from qlora_core.tokenizer import padding_id  # noqa: E402
 from qlora_core.trainer import TrainConfig, train  # noqa: E402
@@ -153,12 +155,16 @@ def run_peer(model_dir: Path, train_records, test, args) -> dict:
     pad_id = padding_id(tok)
     examples = tokenize_records(tok, train_records, DataConfig())
     dataset = [{"input_ids": ids, "labels": labels} for ids, labels in examples]
+    fields = inspect.signature(TrainingArguments).parameters  # transformers 5 renamed the length grouping
+    grouping = {"train_sampling_strategy": "group_by_length"} if "train_sampling_strategy" in fields \
+        else {"group_by_length": True}
     training_args = TrainingArguments(
         output_dir=str(args.out / "peer"), max_steps=args.max_steps, per_device_train_batch_size=1 if args.smoke else 2,
-        gradient_accumulation_steps=2 if args.smoke else 16, learning_rate=2e-4, warmup_ratio=0.03,
+        gradient_accumulation_steps=2 if args.smoke else 16, learning_rate=2e-4,
+        warmup_steps=warmup_steps(args.max_steps, 0.03),
         lr_scheduler_type="linear", max_grad_norm=0.3, weight_decay=0.0,
-        optim="paged_adamw_32bit" if cuda else "adamw_torch", group_by_length=True, bf16=cuda, logging_steps=10,
-        save_strategy="no", report_to=[], seed=42, remove_unused_columns=False, use_cpu=not cuda)
+        optim="paged_adamw_32bit" if cuda else "adamw_torch", bf16=cuda, logging_steps=10, save_strategy="no",
+        report_to=[], seed=42, remove_unused_columns=False, use_cpu=not cuda, **grouping)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       data_collator=lambda rows: collate([(r["input_ids"], r["labels"]) for r in rows], pad_id))
     start = time.perf_counter()
