@@ -1,7 +1,10 @@
 """Generate outputs for a test file (the ADL HW3 submission format), or score it with the course's perplexity.
 
     python infer.py --model PATH [--adapter DIR] --test-file test.json --output pred.json
-    python infer.py --model PATH --adapter DIR --test-file public_test.json --output ppl.json --perplexity
+    python infer.py --model PATH --adapter DIR --test-file public_test.json --perplexity
+
+With no --model it takes the default job's base (SmolLM2-135M-Instruct) and, when `python train.py` has written it,
+the default run's adapter (runs/default); with no --test-file, the shipped held-out sample.
 """
 import argparse
 import json
@@ -9,7 +12,8 @@ from pathlib import Path
 
 from qlora_core.checkpoint import DTYPES, add_model_flags, load_model, resolve_model_dir
 from qlora_core.config import ModelConfig
-from qlora_core.data import load_records
+from qlora_core.data import DEFAULT_EVAL, load_records
+from qlora_core.defaults import default_adapter, default_model_dir
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
 from qlora_core.lora import load_adapter, read_adapter_config
 from qlora_core.metrics import perplexities
@@ -20,13 +24,15 @@ from qlora_core.util import QLoRAError, check_flags, log, run_cli
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base model: a checkpoint directory or a Hugging Face hub id")
+    p.add_argument("--model", help="base model: a checkpoint directory, a .gguf file or a Hugging Face hub id "
+                   "(default: the default job's SmolLM2-135M-Instruct, with the adapter in runs/default if there)")
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT layout) to apply on the base model")
-    p.add_argument("--test-file", required=True, type=Path,
-                   help='JSON list (or JSON Lines) of {"id", "instruction"} records; --perplexity also needs "output"')
-    p.add_argument("--output", required=True, type=Path,
+    p.add_argument("--test-file", type=Path, default=DEFAULT_EVAL,
+                   help='JSON list (or JSON Lines) of {"id", "instruction"} records; --perplexity also needs "output" '
+                        "(default: the shipped held-out sample)")
+    p.add_argument("--output", type=Path,
                    help='where to write the JSON list of {"id", "output"}; with --perplexity, the per-record '
-                        'perplexities')
+                        'perplexities (default: predictions to stdout; with --perplexity, only the mean)')
     p.add_argument("--prompt", choices=PROMPT_MODES,
                    help="zero-shot: the instruction in the seed's template; few-shot: --num-shots training examples "
                         "as earlier turns before it; lora: the zero-shot template for an adapter trained on it "
@@ -56,6 +62,9 @@ def write_json(path: Path, obj) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.model is None:
+        args.model = default_model_dir()
+        args.adapter = args.adapter or default_adapter()
     mode = args.prompt or ("lora" if args.adapter else "zero-shot")
     if mode == "lora" and not args.adapter:
         raise QLoRAError("--prompt lora needs --adapter")
@@ -84,7 +93,8 @@ def main(argv=None):
         values = perplexities(model, tok, records, batch_size=args.batch_size)
         mean = sum(values) / len(values)
         result = {"perplexities": values, "mean_perplexity": mean, "ids": [r["id"] for r in records]}
-        write_json(args.output, result)
+        if args.output:
+            write_json(args.output, result)
         print(f"mean_perplexity: {mean}")
         return
 
@@ -93,6 +103,9 @@ def main(argv=None):
     texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
                            num_beams=args.num_beams if args.decoder == "beam" else 1)
     predictions = [{"id": r["id"], "output": text} for r, text in zip(records, texts)]
+    if args.output is None:
+        print(json.dumps(predictions, ensure_ascii=False, indent=2))
+        return
     write_json(args.output, predictions)
     log(f"wrote {len(predictions)} predictions to {args.output}")
 

@@ -17,15 +17,19 @@ HUB_WEIGHTS = {"safetensors": ["model.safetensors", "model.safetensors.index.jso
                "bin": ["pytorch_model*.bin", "pytorch_model.bin.index.json"]}
 """The weight files of each format; a download takes one format, safetensors when the repository has it."""
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
-"""Compute dtypes by the names the command lines take."""
+          "fp32": torch.float32, "float32": torch.float32, "auto": None}
+"""Compute dtypes by the names the command lines take; auto (None) is bf16 on CUDA, float32 on the CPU."""
 IGNORED_KEYS = ("rotary_emb.inv_freq",)
 """Buffers that some old checkpoints store and that the model recomputes."""
 
 
 def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Path:
-    """A local directory as it is, or a hub repo id (at a branch, tag or commit) downloaded to its local snapshot."""
+    """A local directory as it is, a .gguf file converted once into the cache, or a hub repo id (at a branch, tag
+    or commit) downloaded to its local snapshot."""
     path = Path(path_or_id).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        from .convert import converted_dir
+        return converted_dir(path)
     if path.exists():
         if not path.is_dir():
             raise QLoRAError(f"{path}: expected a model directory, got a file")
@@ -97,14 +101,17 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--quantize", default="nf4", choices=["nf4", "none"],
                         help="store the base's projections in 4-bit NF4 with double quantization "
                         "(default: %(default)s)")
-    parser.add_argument("--dtype", default="bf16", choices=DTYPES, help="compute dtype (default: %(default)s)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="compute dtype; auto is bf16 on CUDA and float32 on the CPU, where bf16 matmuls are "
+                        "slow (default: %(default)s)")
     parser.add_argument("--device", help="cuda, cpu, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--revision", help="branch, tag or commit of a hub --model (default: its default branch)")
 
 
-def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype | None = torch.bfloat16,
                device: str | torch.device | None = None) -> LlamaForCausalLM:
-    """Load a LLaMA-family checkpoint (local directory or hub id) as our model, in eval mode with frozen weights.
+    """Load a LLaMA-family checkpoint (local directory, .gguf file or hub id) as our model, in eval mode with frozen
+    weights. compute_dtype None means bf16 on CUDA and float32 on the CPU.
 
     quantize=None (or "none") keeps every weight in compute_dtype; "nf4" stores the decoder projections in 4-bit NF4
     with double quantization as each tensor is read, so the full-precision model never exists at once.
@@ -113,6 +120,7 @@ def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute
         raise QLoRAError(f"quantize={quantize!r} is not supported (None, 'none' or 'nf4')")
     quantize = None if quantize == "none" else quantize
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model_dir = resolve_model_dir(path_or_repo_id)
     cfg = ModelConfig.from_json(model_dir / "config.json")
     with torch.device("meta"):

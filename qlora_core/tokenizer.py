@@ -65,8 +65,12 @@ def padding_id(tok) -> int:
 
 
 def load_tokenizer(path: str | Path) -> SentencePieceTokenizer | JsonTokenizer:
-    """Load the tokenizer in a checkpoint directory, or from a `.model` or `.json` file."""
+    """Load the tokenizer in a checkpoint directory, from a `.model` or `.json` file, or of a `.gguf` file (converted
+    once into the cache, as load_model does)."""
     path = Path(path)
+    if path.suffix == ".gguf" and path.is_file():
+        from .convert import converted_dir
+        path = converted_dir(path)
     wanted = " or ".join(TOKENIZER_FILES)
     if path.is_dir():
         found = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]

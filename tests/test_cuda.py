@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import write_checkpoint
 from qlora_core import load_model
-from qlora_core.builtin import NAME as BUILTIN_NAME
+from qlora_core.builtin import NAME as BUILTIN_NAME, builtin_model_dir
 from qlora_core.generate import generate
 from qlora_core.lora import add_lora
 from qlora_core.quant import is_4bit, storage_bytes
@@ -66,7 +66,8 @@ def test_train_resume_and_infer_on_cuda(tmp_path, monkeypatch):
     spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
     train_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(train_cli)
-    args = ["--max-steps", "12", "--save-every", "6", "--eval-every", "6"]
+    args = ["--max-steps", "12", "--save-every", "6", "--eval-every", "6", "--model",
+            str(builtin_model_dir(tmp_path / "cache"))]
     straight, out = tmp_path / "straight", tmp_path / "run"
     train_cli.main(args + ["--output-dir", str(straight)])
     with sigterm_after(stop_step=6, snapshot_step=0), pytest.raises(SystemExit) as stopped:

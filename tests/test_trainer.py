@@ -403,7 +403,7 @@ def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
 def run_train(out, *extra, wait=True, env=None):
     cmd = [sys.executable, str(ROOT / "train.py"), "--output-dir", str(out), "--max-steps", "20", "--grad-accum", "2",
            "--save-every", "5", "--eval-every", "0", "--lr", "1e-3", "--dtype", "fp32", "--device", "cpu",
-           "--train-file", str(DEFAULT_TRAIN),
+           "--train-file", str(DEFAULT_TRAIN), "--model", str(builtin_model_dir(out.parent / "cache")),
            *extra]
     env = {**os.environ, "XDG_CACHE_HOME": str(out.parent / "cache"), **(env or {})}
     if not wait:
