@@ -221,7 +221,6 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
         tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, fuse_unk=True, byte_fallback=True,
                                    unk_token=tokens[unk] if unk is not None else None))
         prefix = "first" if field(reader, "tokenizer.ggml.add_space_prefix", True) else "never"
-        tok.normalizer = None
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
         strip = [decoders.Strip(content=" ", left=1)] if prefix == "first" else []
         tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
