@@ -103,8 +103,11 @@ def run_ours(model_dir: Path, train_records, test, samples, args) -> dict:
 
     examples_train = tokenize_records(tok, train_records, DataConfig())
     start = time.perf_counter()
-    train(model, examples_train, padding_id(tok), cfg, tokenize_records(tok, test, DataConfig()), eval_fn)
+    result = train(model, examples_train, padding_id(tok), cfg, tokenize_records(tok, test, DataConfig()), eval_fn)
     train_s = time.perf_counter() - start
+    if result["stopped_by"]:  # a partial run must not be reported as the full one
+        raise SystemExit(f"the QLoRA run was stopped by {result['stopped_by']} at step {result['step']} of "
+                         f"{args.max_steps}; its checkpoint is in {out}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["eval_perplexity"]) for r in rows if "eval_perplexity" in r]
     prompts = build_prompts(tok, instructions, "lora")
