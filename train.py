@@ -76,6 +76,10 @@ def parse_args(argv=None):
                    help="seed of LoRA init, dropout and data order (default: %(default)s)")
     p.add_argument("--optim", default=t.optim, choices=OPTIMIZERS, help="optimizer (default: %(default)s)")
     add_model_flags(p)
+    p.add_argument("--memory-profile", metavar="DIR",
+                   help="on a GPU, write a memory profile of the second optimizer step to DIR: a breakdown "
+                   "(memory_breakdown.json), PyTorch's allocator snapshot (memory_snapshot.pickle, for "
+                   "pytorch.org/memory_viz) and a plot (memory_over_step.png)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer in backward (default: on for CUDA, off for the CPU)")
     return p.parse_args(argv)
@@ -123,7 +127,7 @@ def main(argv=None):
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                      max_tokens=args.max_tokens)
+                      max_tokens=args.max_tokens, memory_profile=args.memory_profile)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
     torch.manual_seed(args.seed)

@@ -4,6 +4,7 @@ It replaces transformers' Trainer for the seed's recipe. A checkpoint holds ever
 to continue along the same trajectory (adapter, optimizer, schedule, RNG states, data position), and is
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
+import contextlib
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from tqdm import tqdm
 
 from .data import collate, collate_packed, length_grouped_batches, pack
 from .lora import load_adapter, save_adapter
+from .memprofile import MemoryProfile
 from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
 from .util import QLoRAError, log
@@ -51,6 +53,8 @@ class TrainConfig:
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
     max_tokens: int | None = None
     """Tokens per packed micro-batch; None picks a budget from the model's size (see auto_max_tokens)."""
+    memory_profile: str | None = None
+    """A directory for a GPU memory profile of the run's second optimizer step (see memprofile.py)."""
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
@@ -277,13 +281,16 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     stopped_by = None
     try:
         with StopSignal() as stop:
+            first_step = step
             while step < cfg.max_steps and stop.signum is None:
                 t0 = time.perf_counter()
                 records = stream.next_step()
                 batches = micro_batches(train_examples, records, max_tokens)
-                total = accumulate_gradients(model, batches, step + 1, last_ckpt)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
-                optimizer.step()
+                profile = cfg.memory_profile and step == first_step + 1 and model.lm_head.weight.is_cuda
+                with MemoryProfile(cfg.memory_profile, model, optimizer) if profile else contextlib.nullcontext():
+                    total = accumulate_gradients(model, batches, step + 1, last_ckpt)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+                    optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
