@@ -102,8 +102,9 @@ def auto_max_tokens(model) -> int:
     With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer,
     plus the working set of the one layer being recomputed (about 8 hidden-sized and 4 intermediate-sized
     tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so the seed's steps of about 5,700 tokens
-    go as two micro-batches, with a peak below that of transformers + peft running the seed's 16 micro-batches
-    of 2 (measured: benchmarks/README.md). The budget stays between 2,048 and 16,384 tokens. On the CPU it is
+    go as two micro-batches. Measured on an H100 (benchmarks/README.md), their peak is 1.08x that of
+    transformers + peft running the seed's 16 micro-batches of 2; --max-tokens 2048 (three) stays below it, at
+    1.5x the step time. The budget stays between 2,048 and 16,384 tokens. On the CPU it is
     1,024: there packed attention is a dense masked matrix, whose cost grows with the square of the micro-batch.
     """
     if not model.lm_head.weight.is_cuda:
