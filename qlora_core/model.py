@@ -199,8 +199,9 @@ class LlamaModel(nn.Module):
         if cache is not None and input_pos is None:
             raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
         kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
-        if self.sliding_window is not None and kv_len > self.sliding_window:
-            raise QLoRAError(f"{kv_len} positions (prompt and new tokens, or a training example) exceed the model's "
+        longest = int(cu_seqlens.diff().max()) if cu_seqlens is not None else kv_len  # packed: the longest record
+        if self.sliding_window is not None and longest > self.sliding_window:
+            raise QLoRAError(f"{longest} positions (prompt and new tokens, or a training example) exceed the model's "
                              f"sliding_window of {self.sliding_window}; sliding-window attention is not implemented")
         if input_pos is not None or attention_mask is not None:
             pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)

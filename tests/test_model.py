@@ -117,3 +117,7 @@ def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
     with pytest.raises(QLoRAError, match="sliding_window of 16"):
         generate(ours, [[5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=9)
     assert len(generate(ours, [[5, 6, 7, 8, 9, 10, 11, 12]], max_new_tokens=8)[0]) == 8
+    packed = torch.randint(0, 128, (1, 26))  # packed records count one by one: 10 + 16 fit, 10 + 17 do not
+    ours(packed, cu_seqlens=torch.tensor([0, 10, 26], dtype=torch.int32))
+    with pytest.raises(QLoRAError, match="sliding_window of 16"):
+        ours(torch.randint(0, 128, (1, 27)), cu_seqlens=torch.tensor([0, 10, 27], dtype=torch.int32))
