@@ -184,25 +184,25 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
         x = self.embed_tokens(input_ids)
-        mask = None
-        if cu_seqlens is not None:  # packed records: see Packed
-            if input_ids.shape[0] != 1 or attention_mask is not None or input_pos is not None:
-                raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
-            lengths = cu_seqlens.diff()
-            if position_ids is None:
-                position_ids = torch.cat([torch.arange(n, device=x.device) for n in lengths.tolist()])[None]
-            if x.is_cuda and varlen_attn is not None:
-                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), int(lengths.max()))
-            else:
-                mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])
         cache = self.layers[0].self_attn.kv_cache
         if cache is not None and input_pos is None:
             raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
         kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
-        longest = int(cu_seqlens.diff().max()) if cu_seqlens is not None else kv_len  # packed: the longest record
+        lengths = cu_seqlens.diff() if cu_seqlens is not None else None
+        longest = int(lengths.max()) if lengths is not None else kv_len  # packed records attend within themselves
         if self.sliding_window is not None and longest > self.sliding_window:
             raise QLoRAError(f"{longest} positions (prompt and new tokens, or a training example) exceed the model's "
                              f"sliding_window of {self.sliding_window}; sliding-window attention is not implemented")
+        mask = None
+        if cu_seqlens is not None:  # packed records: see Packed
+            if input_ids.shape[0] != 1 or attention_mask is not None or input_pos is not None:
+                raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
+            if position_ids is None:
+                position_ids = torch.cat([torch.arange(n, device=x.device) for n in lengths.tolist()])[None]
+            if x.is_cuda and varlen_attn is not None:
+                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest)
+            else:
+                mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])
         if input_pos is not None or attention_mask is not None:
             pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)
             mask = attention_bias_mask(pos, kv_len, attention_mask)
