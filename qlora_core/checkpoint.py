@@ -108,7 +108,8 @@ def add_model_flags(parser) -> None:
     parser.add_argument("--revision", help="branch, tag or commit of a hub --model (default: its default branch)")
 
 
-def load_model(path_or_repo_id: str | Path, quantize: str | None = None, compute_dtype: torch.dtype | None = torch.bfloat16,
+def load_model(path_or_repo_id: str | Path, quantize: str | None = None,
+               compute_dtype: torch.dtype | None = torch.bfloat16,
                device: str | torch.device | None = None) -> LlamaForCausalLM:
     """Load a LLaMA-family checkpoint (local directory, .gguf file or hub id) as our model, in eval mode with frozen
     weights. compute_dtype None means bf16 on CUDA and float32 on the CPU.
