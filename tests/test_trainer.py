@@ -104,7 +104,7 @@ def test_packed_micro_batches_follow_the_record_by_record_trajectory(tmp_path):
     c = cfg("ref", None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, stream = make_optimizer(params, c.optim, c.lr, c.weight_decay), BatchStream(
-        [len(ids) for ids, _ in examples], c.batch_size, c.grad_accum, c.seed, c.group_by_length)
+        [len(ids) for ids, _ in examples], c.step_records(), c.seed, c.group_by_length)
     scheduler = linear_schedule(optimizer, c.max_steps, c.warmup_ratio)
     for _ in range(c.max_steps):
         records = [examples[i] for i in stream.next_step()]
@@ -273,12 +273,12 @@ def test_loss_ignores_prompt_positions_and_counts_outputs(tmp_path):
 def test_batch_stream_resumes_mid_epoch():
     random.seed(0)
     lengths = [random.randint(1, 50) for _ in range(23)]
-    a = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    a = BatchStream(lengths, 6, seed=3, group_by_length=True)
     seq = [a.next_step() for _ in range(10)]
-    b = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    b = BatchStream(lengths, 6, seed=3, group_by_length=True)
     for _ in range(6):
         b.next_step()
-    c = BatchStream(lengths, 2, 3, seed=3, group_by_length=True)
+    c = BatchStream(lengths, 6, seed=3, group_by_length=True)
     c.load(b.state())
     assert [c.next_step() for _ in range(4)] == seq[6:]
     assert [len(s) for s in seq[:4]] == [6, 6, 6, 5]
@@ -293,7 +293,7 @@ def test_steps_group_lengths_as_transformers_length_grouped_sampler(n, batch_siz
     lengths = [rng.randint(1, 500) for _ in range(n)]
     per_step = batch_size * grad_accum
     steps_per_epoch = -(-n // per_step)
-    stream = BatchStream(lengths, batch_size, grad_accum, seed=42, group_by_length=True)
+    stream = BatchStream(lengths, batch_size * grad_accum, seed=42, group_by_length=True)
     for epoch in range(2):
         hf = list(LengthGroupedSampler(per_step, lengths=lengths, generator=torch.Generator().manual_seed(42 + epoch)))
         hf_steps = [hf[i:i + per_step] for i in range(0, n, per_step)]
@@ -310,19 +310,19 @@ def test_train_packs_each_step_s_records(tmp_path, monkeypatch):
     examples = random_examples(20)
     seen, real = [], trainer.accumulate_gradients
 
-    def recording(model, batches, *args):
+    def recording(model, batches, *args, **kwargs):
         records = []
         for b in batches:
             ids, cu = b["input_ids"][0].tolist(), b["cu_seqlens"].tolist()
             records += [ids[start:end] for start, end in zip(cu, cu[1:])]
         seen.append(sorted(records))
-        return real(model, batches, *args)
+        return real(model, batches, *args, **kwargs)
 
     monkeypatch.setattr(trainer, "accumulate_gradients", recording)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=3, eval_every=0,
                       save_every=0, optim="adamw", max_tokens=24)
     train(model, examples, 0, cfg)
-    stream = BatchStream([len(ids) for ids, _ in examples], 2, 3, cfg.seed, True)
+    stream = BatchStream([len(ids) for ids, _ in examples], 6, cfg.seed, True)
     assert len(seen) == 3
     for records in seen:
         assert records == sorted(examples[i][0] for i in stream.next_step())
@@ -382,6 +382,7 @@ def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypat
 
 @pytest.mark.parametrize("change, lora_change, name", [
     ({"max_grad_norm": 1.0}, {}, "max_grad_norm"),
+    ({"grad_accum": 2}, {}, "records per step"),
     ({"weight_decay": 0.1}, {}, "weight_decay"),
     ({}, {"r": 8}, "LoRA r"),
     ({}, {"alpha": 32}, "LoRA alpha"),
