@@ -18,6 +18,13 @@ it, 16 x 2 right-padded under bf16 autocast) and hf-best (the same stack, the 32
 
     python benchmarks/bench_train.py --workload adl --out benchmarks/results/seed_job.json --memory-profile DIR
     python benchmarks/bench_train.py --workload adl --preset tiny --device cpu --steps 1 --warmup-steps 0   # smoke
+
+Under torchrun the adl workload runs ours alone with DistributedDataParallel, as train.py does: each step's records
+split across the GPUs by tokens. A step holds --batch-size x --grad-accum records per GPU (the seed's 2 x 16 on each
+GPU), or --global-batch-size over all of them (32: the seed's steps, shared). tokens_per_s counts every GPU's
+tokens; the peak is the largest of any GPU's.
+
+    torchrun --nproc_per_node 2 benchmarks/bench_train.py --workload adl --global-batch-size 32 --out ddp.json
 """
 import contextlib
 import json
@@ -29,7 +36,8 @@ import torch
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
                     peak_gib, report, reset_peak, setup)
 
-from qlora_core.data import IGNORE_INDEX, collate  # after common, which puts the repo on sys.path
+from qlora_core import distributed  # after common, which puts the repo on sys.path
+from qlora_core.data import IGNORE_INDEX, collate
 
 IMPLS = ("ours", "hf", "hf-nocast")
 ADL_IMPLS = ("ours", "hf-seed", "hf-best")
@@ -76,10 +84,10 @@ def load_ours(model_dir, device, args):
     return model, params, make_optimizer(params, "paged_adamw_32bit", lr=2e-4)
 
 
-def train_step_ours(model, params, optimizer, batches, device):
+def train_step_ours(model, params, optimizer, batches, device, n_targets=None, ddp=None):
     from qlora_core.trainer import accumulate_gradients
 
-    loss = accumulate_gradients(model, batches)
+    loss = accumulate_gradients(model, batches, n_targets=n_targets, ddp=ddp)
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -179,13 +187,17 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
 
 def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     """One row of the seed's job: load the stack, warm up, time optimizer steps over the ADL-shaped records."""
-    from qlora_core.trainer import auto_max_tokens, micro_batches
+    from qlora_core.trainer import LossSum, auto_max_tokens, example_targets, micro_batches
 
     log(f"{impl}: loading")
     free_memory(device)
+    world, ddp = distributed.world_size(), None
     if impl == "ours":
         model, params, optimizer = load_ours(model_dir, device, args)
         max_tokens = args.max_tokens or auto_max_tokens(model)
+        if world > 1:
+            ddp = torch.nn.parallel.DistributedDataParallel(
+                LossSum(model), device_ids=[params[0].device] if params[0].is_cuda else None)
     else:
         model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=True)
     weights_gib = allocated_gib(device)
@@ -194,8 +206,12 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     def step():
         records = next(it)
         if impl == "ours":
-            batches = micro_batches(records, list(range(len(records))), max_tokens)
-            losses.append(train_step_ours(model, params, optimizer, batches, device))
+            share = list(range(len(records)))
+            if ddp:
+                share = distributed.split_by_tokens(share, [len(ids) for ids, _ in records], world)[distributed.rank()]
+            batches = micro_batches(records, share, max_tokens)
+            n_targets = sum(example_targets(r) for r in records)
+            losses.append(train_step_ours(model, params, optimizer, batches, device, n_targets, ddp))
         else:
             size = 2 if impl == "hf-seed" else len(records)
             batches = [collate(records[i:i + size], 0) for i in range(0, len(records), size)]
@@ -206,9 +222,15 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     timing = measure(step, args.warmup_steps, args.steps, device)
     tokens = sum(len(ids) for records in steps[args.warmup_steps:args.warmup_steps + args.steps]
                  for ids, _ in records) / args.steps
-    row = {"impl": impl, "step_s": timing["median_s"], "tokens_per_s": tokens / timing["median_s"],
-           **peak_gib(device), "weights_gib": weights_gib, "first_loss": losses[0],
-           "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
+    peak = peak_gib(device)
+    if ddp and params[0].is_cuda:  # the largest of any GPU's
+        for key, value in peak.items():
+            t = torch.tensor(value, device=device)
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            peak[key] = t.item()
+    row = {"impl": impl, "world_size": world, "records_per_step": len(steps[0]), "step_s": timing["median_s"],
+           "tokens_per_s": tokens / timing["median_s"], **peak, "weights_gib": weights_gib,
+           "first_loss": losses[0], "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
     if impl == "ours":
         row["max_tokens"] = max_tokens
         try:  # a failure in a profiler leaves the timed row standing
@@ -221,23 +243,31 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
         except Exception as e:
             log(f"{impl}: profiling failed: {type(e).__name__}: {e}")
             row["profile_error"] = f"{type(e).__name__}: {e}"
-    del model, params, optimizer, it, step
+    del model, params, optimizer, it, step, ddp
     free_memory(device)
     log(f"{impl}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
     return row
 
 
 def main_adl(args):
+    world = distributed.world_size()
     if args.impls == ",".join(IMPLS):  # the synthetic workload's default: take this workload's rows
-        args.impls = ",".join(ADL_IMPLS)
-    impls, cfg, model_dir = setup(args, ADL_IMPLS)
+        args.impls = ",".join(ADL_IMPLS) if world == 1 else "ours"
+    if world > 1 and args.impls != "ours":
+        raise SystemExit("under torchrun only --impls ours runs (the transformers rows are one-process)")
+    args.device = distributed.setup(args.device)
+    with distributed.main_first():  # one process writes the random checkpoint
+        impls, cfg, model_dir = setup(args, ADL_IMPLS)
     n = args.warmup_steps + args.steps + bool(args.profile) + bool(args.memory_profile)
-    steps = adl_steps(n, args.batch_size * args.grad_accum, args.lengths, cfg.vocab_size)
+    records = args.global_batch_size or args.batch_size * args.grad_accum * world
+    steps = adl_steps(n, records, args.lengths, cfg.vocab_size)
     rows = []
     for impl in impls:
         try:
             rows.append(run_adl(impl, model_dir, args.device, args, steps))
         except Exception as e:  # one side failing still leaves the others' numbers
+            if world > 1:  # the other processes would wait for this one at the next all-reduce
+                raise
             log(f"{impl}: failed: {type(e).__name__}: {e}")
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
         free_memory(args.device)
@@ -246,8 +276,11 @@ def main_adl(args):
         if ours and "error" not in r:
             r["speedup_vs_this"] = r["step_s"] / ours["step_s"]
             r["ours_peak_over_this"] = ours["peak_alloc_gib"] / r["peak_alloc_gib"] if r["peak_alloc_gib"] else None
-    report(args, rows, ["impl", "step_s", "tokens_per_s", "peak_alloc_gib", "micro_batches", "first_loss",
-                        "speedup_vs_this", "ours_peak_over_this"], cfg, model_dir, "seed_job")
+    if distributed.is_main():
+        report(args, rows, ["impl", "world_size", "records_per_step", "step_s", "tokens_per_s", "peak_alloc_gib",
+                            "micro_batches", "first_loss", "speedup_vs_this", "ours_peak_over_this"],
+               cfg, model_dir, "seed_job")
+    distributed.teardown()
 
 
 def main():
@@ -265,6 +298,8 @@ def main():
                     help="adl: the seed's job (32 records of ADL lengths a step; rows ours, hf-seed, hf-best)")
     ap.add_argument("--lengths", default=str(LENGTHS), help="the ADL token counts (--workload adl)")
     ap.add_argument("--max-tokens", type=int, help="ours' packed micro-batch budget (default: auto_max_tokens)")
+    ap.add_argument("--global-batch-size", type=int,
+                    help="records per step over all torchrun processes (default: batch-size x grad-accum each)")
     ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")
     args = ap.parse_args()
     if args.workload == "adl":

@@ -100,3 +100,13 @@ def test_a_step_with_fewer_records_than_processes(tmp_path):
                 cache=tmp_path / "cache")
     assert one.returncode == two.returncode == 0
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL)")
+def test_two_gpus_take_the_steps_of_one(tmp_path):
+    """The same check as on the CPU, over NCCL: one GPU at batch 2 and two at batch 1, float32 dense base."""
+    common = ("--max-steps", "3", "--grad-accum", "4", "--device", "cuda", "--max-tokens", "64")
+    one = train(tmp_path / "one", 1, *common, "--batch-size", "2", cache=tmp_path / "cache")
+    two = train(tmp_path / "two", 2, *common, "--batch-size", "1", cache=tmp_path / "cache")
+    assert "2 processes" in two.stderr and "2 processes" not in one.stderr
+    assert_same_adapter(tmp_path / "one", tmp_path / "two")
