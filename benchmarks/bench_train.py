@@ -90,7 +90,7 @@ def train_step_ours(model, params, optimizer, batches, device, n_targets=None, d
     loss = accumulate_gradients(model, batches, n_targets=n_targets, ddp=ddp)
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=ddp is None)
     return loss
 
 
@@ -196,8 +196,7 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
         model, params, optimizer = load_ours(model_dir, device, args)
         max_tokens = args.max_tokens or auto_max_tokens(model)
         if world > 1:
-            ddp = torch.nn.parallel.DistributedDataParallel(
-                LossSum(model), device_ids=[params[0].device] if params[0].is_cuda else None)
+            ddp = distributed.data_parallel(LossSum(model))
     else:
         model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=True)
     weights_gib = allocated_gib(device)

@@ -80,6 +80,14 @@ def split_by_tokens(records: list[int], lengths: list[int], parts: int) -> list[
     return shares
 
 
+def data_parallel(module: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+    """DistributedDataParallel over module (on this rank's GPU, or the CPU). Its gradients are views into DDP's
+    all-reduce buckets, so they take no second copy: clear them with zero_grad(set_to_none=False)."""
+    device = next(module.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                                     gradient_as_bucket_view=True)
+
+
 def all_ranks_agree(flag: bool) -> bool:
     """True on every rank if it is true on any (a stop signal that reached some ranks first)."""
     if world_size() == 1:

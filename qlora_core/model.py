@@ -85,7 +85,8 @@ class KVCache(nn.Module):
 
 @dataclass
 class Packed:
-    """Records laid end to end in one row of a batch of one, as flash attention's variable-length kernel takes them.
+    """Records laid end to end in one row of a batch of one, as flash attention's variable-length kernel takes them
+    (in bf16 or fp16 on CUDA; float32 and the CPU take packed_mask instead).
 
     cu_seqlens [records + 1] (int32) holds where each record starts and, last, the row's length. Each record
     attends causally to itself alone.
@@ -199,7 +200,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
             if position_ids is None:
                 position_ids = torch.cat([torch.arange(n, device=x.device) for n in lengths.tolist()])[None]
-            if x.is_cuda and varlen_attn is not None:
+            if x.is_cuda and varlen_attn is not None and x.dtype in (torch.bfloat16, torch.float16):
                 mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest)
             else:
                 mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])

@@ -350,8 +350,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         seed_rank(cfg.seed, step)
     ddp = None
     if world > 1:  # DDP starts every rank from rank 0's adapter; the 4-bit base is the same file everywhere
-        ddp = torch.nn.parallel.DistributedDataParallel(LossSum(model),
-                                                        device_ids=[params[0].device] if params[0].is_cuda else None)
+        ddp = distributed.data_parallel(LossSum(model))
         log(f"{world} processes: each step's {cfg.step_records(world)} records are split across them by tokens")
     metrics_file = (out / "metrics.jsonl").open("a") if main else None
 
@@ -388,7 +387,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                     optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=ddp is None)  # DDP's gradients stay views into its buckets
                 step += 1
                 stopping = distributed.all_ranks_agree(stop.signum is not None)
                 tokens = sum(lengths[i] for i in records)  # over all ranks
