@@ -3,8 +3,10 @@ sizes, one voice."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,7 @@ def test_split_by_tokens_balances_tokens_and_keeps_every_record_once():
     assert split_by_tokens([7], lengths, 2) == [[7], []]
 
 
-def train(out: Path, procs: int, *flags, cache: Path) -> subprocess.CompletedProcess:
+def train(out: Path, procs: int, *flags, cache: Path, wait: bool = True):
     """train.py on the built-in tiny model with a dense float32 base and no dropout, under torchrun if procs > 1."""
     launch = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  "--nproc_per_node", str(procs)]
@@ -37,6 +39,8 @@ def train(out: Path, procs: int, *flags, cache: Path) -> subprocess.CompletedPro
            str(DEFAULT_TRAIN), "--output-dir", str(out), "--quantize", "none", "--dtype", "fp32", "--device", "cpu",
            "--lora-dropout", "0", "--lr", "1e-3", "--eval-every", "0", *flags]
     env = {**os.environ, "XDG_CACHE_HOME": str(cache), "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -100,6 +104,25 @@ def test_a_step_with_fewer_records_than_processes(tmp_path):
                 cache=tmp_path / "cache")
     assert one.returncode == two.returncode == 0
     assert_same_adapter(tmp_path / "one", tmp_path / "two")
+
+
+def test_sigterm_to_torchrun_saves_every_rank_s_last_step(tmp_path):
+    """torchrun passes SIGTERM to its processes; they agree on the step to stop after, and rank 0 saves it."""
+    out = tmp_path / "run"
+    run = train(out, 2, "--max-steps", "300", "--save-every", "0", "--grad-accum", "4", "--batch-size", "1",
+                cache=tmp_path / "cache", wait=False)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert run.poll() is None and time.monotonic() < deadline, "the run did not start its steps"
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    stderr = run.communicate(timeout=120)[1]
+    steps = len(metrics.read_text().splitlines())
+    assert f"stopped by SIGTERM at step {steps}" in stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == [f"checkpoint-{steps}"]
+    assert json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())["world_size"] == 2
+    assert len(torch.load(out / f"checkpoint-{steps}" / "rng.pt", weights_only=True)["other_ranks"]) == 1
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (NCCL)")
