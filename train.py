@@ -87,6 +87,9 @@ def parse_args(argv=None):
                    "pytorch.org/memory_viz) and a plot (memory_over_step.png)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each decoder layer in backward (default: on for CUDA, off for the CPU)")
+    p.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="with gradient checkpointing, keep each layer's input in pinned host memory until "
+                   "backward, so a micro-batch can hold more tokens (default: on for CUDA)")
     return p.parse_args(argv)
 
 
@@ -134,6 +137,7 @@ def main(argv=None):
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
+                      offload_activations=args.offload_activations,
                       max_tokens=args.max_tokens, memory_profile=args.memory_profile,
                       global_batch_size=args.global_batch_size)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)

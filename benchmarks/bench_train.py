@@ -26,6 +26,7 @@ tokens; the peak is the largest of any GPU's.
 
     torchrun --nproc_per_node 2 benchmarks/bench_train.py --workload adl --global-batch-size 32 --out ddp.json
 """
+import argparse
 import contextlib
 import json
 import random
@@ -79,6 +80,7 @@ def load_ours(model_dir, device, args):
     model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
     add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
     model.model.gradient_checkpointing = True
+    model.model.offload_activations = args.offload_activations
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, make_optimizer(params, "paged_adamw_32bit", lr=2e-4)
@@ -231,7 +233,7 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
            "tokens_per_s": tokens / timing["median_s"], **peak, "weights_gib": weights_gib,
            "first_loss": losses[0], "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
     if impl == "ours":
-        row["max_tokens"] = max_tokens
+        row["max_tokens"], row["offload_activations"] = max_tokens, args.offload_activations
         try:  # a failure in a profiler leaves the timed row standing
             if args.memory_profile and torch.device(device).type == "cuda":
                 from qlora_core.memprofile import MemoryProfile
@@ -297,6 +299,8 @@ def main():
                     help="adl: the seed's job (32 records of ADL lengths a step; rows ours, hf-seed, hf-best)")
     ap.add_argument("--lengths", default=str(LENGTHS), help="the ADL token counts (--workload adl)")
     ap.add_argument("--max-tokens", type=int, help="ours' packed micro-batch budget (default: auto_max_tokens)")
+    ap.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours keeps the checkpointed layer inputs in pinned host memory, as train.py does on CUDA")
     ap.add_argument("--global-batch-size", type=int,
                     help="records per step over all torchrun processes (default: batch-size x grad-accum each)")
     ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")

@@ -171,6 +171,51 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+_copy_streams: dict = {}
+
+
+class OffloadedCheckpoint(torch.autograd.Function):
+    """Gradient checkpointing of one decoder layer whose input waits in host memory until the backward pass.
+
+    The forward pass runs the layer without keeping anything for backward but a copy of its input x in pinned host
+    memory, made on a side stream while the GPU goes on. The backward pass brings x back, runs the layer again with
+    grad under the forward's RNG state (so the same dropout masks) and backpropagates through it. Between forward
+    and backward the GPU then holds no layer inputs (at the 7B shape, 8 KiB a layer and a token, 256 KiB a token).
+    On the CPU the copy is a plain one, which only tests the recomputation.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, layer, mask, input_pos):
+        ctx.layer, ctx.mask, ctx.input_pos = layer, mask, input_pos
+        ctx.save_for_backward(cos, sin)
+        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+        if x.is_cuda:
+            stream = _copy_streams.setdefault(x.device, torch.cuda.Stream(x.device))
+            stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(stream):
+                ctx.host.copy_(x, non_blocking=True)
+            x.record_stream(stream)  # its memory is not reused before the copy is done
+            ctx.copied = stream.record_event()
+        else:
+            ctx.host.copy_(x)
+        return layer(x, cos, sin, mask, input_pos)  # autograd records nothing inside a Function's forward
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        if grad.is_cuda:
+            torch.cuda.current_stream(grad.device).wait_event(ctx.copied)
+        x = ctx.host.to(grad.device, non_blocking=True).requires_grad_()
+        with torch.random.fork_rng(devices=[grad.device] if grad.is_cuda else []), torch.enable_grad():
+            torch.set_rng_state(ctx.rng[0])
+            if ctx.rng[1] is not None:
+                torch.cuda.set_rng_state(ctx.rng[1], grad.device)
+            y = ctx.layer(x, cos, sin, ctx.mask, ctx.input_pos)
+        torch.autograd.backward(y, grad)
+        return x.grad, None, None, None, None, None
+
+
 class LlamaModel(nn.Module):
     """The decoder stack without the output head: token ids to final hidden states."""
 
@@ -182,6 +227,8 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.sliding_window = cfg.sliding_window
         self.gradient_checkpointing = False
+        self.offload_activations = False
+        """With gradient_checkpointing, keep the layer inputs in host memory (OffloadedCheckpoint)."""
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
         x = self.embed_tokens(input_ids)
@@ -211,7 +258,10 @@ class LlamaModel(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), x.dtype)
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and self.offload_activations:
+                x = x if x.requires_grad else x.detach().requires_grad_()  # else the Function would have no backward
+                x = OffloadedCheckpoint.apply(x, cos, sin, layer, mask, input_pos)
+            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)

@@ -52,6 +52,9 @@ class TrainConfig:
     """Give each optimizer step records of similar length, as the seed's Trainer (group_by_length) did."""
     gradient_checkpointing: bool | None = None
     """Recompute each decoder layer in the backward pass; None means on for CUDA, off for the CPU."""
+    offload_activations: bool | None = None
+    """With gradient checkpointing, keep each layer's input in pinned host memory until the backward pass
+    (model.OffloadedCheckpoint); None means on for CUDA."""
     max_tokens: int | None = None
     """Tokens per packed micro-batch; None picks a budget from the model's size (see auto_max_tokens)."""
     memory_profile: str | None = None
@@ -112,18 +115,18 @@ def example_targets(example: tuple[list[int], list[int]]) -> int:
 def auto_max_tokens(model) -> int:
     """The default token budget of a packed micro-batch: activations of about 0.36 of the base's own storage.
 
-    With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer,
-    plus the working set of the one layer being recomputed (about 8 hidden-sized and 4 intermediate-sized
-    tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so the seed's steps of about 5,700 tokens
-    go as two micro-batches. Measured on an H100 (benchmarks/README.md), their peak is 1.08x that of
-    transformers + peft running the seed's 16 micro-batches of 2; --max-tokens 2048 (three) stays below it, at
-    1.5x the step time. The budget stays between 2,048 and 16,384 tokens. On the CPU it is
-    1,024: there packed attention is a dense masked matrix, whose cost grows with the square of the micro-batch.
+    With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer
+    (none when those are offloaded to host memory), plus the working set of the one layer being recomputed (about
+    8 hidden-sized and 4 intermediate-sized tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so
+    the seed's steps of about 5,700 tokens go as two micro-batches, or, offloaded, about 8,600, so as one.
+    The budget stays between 2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense
+    masked matrix, whose cost grows with the square of the micro-batch. Measurements: benchmarks/README.md.
     """
     if not model.lm_head.weight.is_cuda:
         return 1024
     cfg = model.config
-    per_token = 2 * (cfg.hidden_size * (cfg.num_hidden_layers + 8) + 4 * cfg.intermediate_size)
+    kept = 0 if model.model.offload_activations else cfg.num_hidden_layers
+    per_token = 2 * (cfg.hidden_size * (kept + 8) + 4 * cfg.intermediate_size)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(min(max(0.36 * weights / per_token, 2048), 16384))
 
@@ -333,6 +336,8 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     stream = BatchStream(lengths, cfg.step_records(world), cfg.seed, cfg.group_by_length)
     use_ckpt = cfg.gradient_checkpointing
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
+    offload = cfg.offload_activations
+    model.model.offload_activations = model.lm_head.weight.is_cuda if offload is None else offload
     max_tokens = cfg.max_tokens or auto_max_tokens(model)
 
     step, last_ckpt = 0, None

@@ -57,11 +57,12 @@ def assert_same_adapter(a: Path, b: Path):
 def runs(tmp_path_factory):
     """6 steps of 8 records, checkpoints at 3: one process at batch 2 and two at batch 1, accumulation 4. The two
     processes get a 48-token budget, so each packs its share into several micro-batches (no_sync, then one
-    all-reduce)."""
+    all-reduce), and recompute each layer in backward from its offloaded input, as on a GPU."""
     tmp = tmp_path_factory.mktemp("ddp")
     common = ("--max-steps", "6", "--save-every", "3", "--grad-accum", "4")
     one = train(tmp / "one", 1, *common, "--batch-size", "2", cache=tmp / "cache")
-    two = train(tmp / "two", 2, *common, "--batch-size", "1", "--max-tokens", "48", cache=tmp / "cache")
+    two = train(tmp / "two", 2, *common, "--batch-size", "1", "--max-tokens", "48", "--gradient-checkpointing",
+                "--offload-activations", cache=tmp / "cache")  # DDP with the recomputation inside backward
     return tmp, one, two
 
 

@@ -123,13 +123,14 @@ def test_packed_micro_batches_follow_the_record_by_record_trajectory(tmp_path):
             assert (adapter[key] - ref).norm() <= 1e-4 * ref.norm(), (max_tokens, key)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, offload):
     model = lora_model(tmp_path)
     batch = collate(random_examples(4), 0)
     loss_sum(model, batch).backward()
     plain = lora_grads(model)
     model.zero_grad()
-    model.model.gradient_checkpointing = True
+    model.model.gradient_checkpointing, model.model.offload_activations = True, offload
     calls = []
     model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
     loss_sum(model, batch).backward()
@@ -228,17 +229,20 @@ def test_eval_loss_is_the_mean_over_target_tokens(tmp_path):
     assert eval_loss(model, examples, 0, batch_size=3) == pytest.approx(total / count, rel=1e-5)
 
 
-def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tmp_path):
-    """The recomputed forward must draw the same dropout masks as the first one (the RNG state is preserved)."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_gradient_checkpointing_with_dropout_gives_the_same_gradients(tmp_path, offload):
+    """The recomputed forward must draw the same dropout masks as the first one (the RNG state is preserved), and
+    leave the RNG where the forward left it."""
     model = lora_model(tmp_path, dropout=0.3)
     batch = collate(random_examples(4), 0)
     torch.manual_seed(5)
     loss_sum(model, batch).backward()
-    plain = lora_grads(model)
+    plain, after = lora_grads(model), torch.get_rng_state()
     model.zero_grad()
-    model.model.gradient_checkpointing = True
+    model.model.gradient_checkpointing, model.model.offload_activations = True, offload
     torch.manual_seed(5)
     loss_sum(model, batch).backward()
+    assert torch.equal(torch.get_rng_state(), after)
     for name, g in lora_grads(model).items():
         assert (plain[name] - g).norm() <= 1e-6 * g.norm(), name
 
