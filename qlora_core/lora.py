@@ -20,7 +20,7 @@ from torch import nn
 
 from .kernels.nf4_dequant import dequantize_nf4
 from .quant import PROJECTIONS, dense_weight, is_4bit, storage_bytes
-from .util import QLoRAError, log, read_json_object
+from .util import QLoRAError, log, read_json_object, rng_restored, rng_state
 
 PEFT_PREFIX = "base_model.model."
 """What peft puts before our module names in an adapter's keys (PeftModel.base_model.model is our model)."""
@@ -103,11 +103,19 @@ def base_weights(layers, dtype: torch.dtype, device) -> torch.Tensor:
     return w
 
 
+def dropped(x2: torch.Tensor, n: int, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """n dropout draws of x2 [rows, in] as [n, rows, in], and their masks (None, and no copy, when p is 0)."""
+    xs = x2.expand(n, *x2.shape)
+    return torch.native_dropout(xs, p, True) if p > 0 else (xs, None)
+
+
 class LoRAProjection(torch.autograd.Function):
     """y = x W^T + b + [s_i * dropout_i(x) A_i^T B_i^T for each layer i], concatenated over the layers.
 
     Each layer keeps its own dropout mask, as separate LoRA modules would. Only A and B get gradients; the
-    base weights are dequantized again in backward instead of being kept.
+    base weights are dequantized again in backward instead of being kept, and so are the dropout masks: backward
+    draws them again from the forward's RNG state, so it keeps x alone, not the masks and the dropped copies (at
+    the 7B shape with dropout, 59 KiB a token less for a decoder layer's four groups).
     """
 
     @staticmethod
@@ -120,22 +128,25 @@ class LoRAProjection(torch.autograd.Function):
             y += torch.cat([m.base_layer.bias.to(dtype) for m in layers])
         a = torch.stack(lora_weights[0::2]).to(dtype)  # [n, r, in]
         b = [t.to(dtype) for t in lora_weights[1::2]]  # each [out_i, r]
-        xs = x2.expand(n, *x2.shape)
-        p = layers[0].lora_dropout.p
-        mask = None
-        if p > 0 and layers[0].training:
-            xs, mask = torch.native_dropout(xs, p, True)
+        p = layers[0].lora_dropout.p if layers[0].training else 0.0
+        ctx.rng = rng_state(x.device) if p > 0 else None
+        xs, mask = dropped(x2, n, p)
         h = torch.bmm(xs, a.transpose(1, 2))  # [n, rows, r]
         for i, (part, m) in enumerate(zip(y.split([t.shape[0] for t in b], dim=1), layers)):
             part.addmm_(h[i], b[i].t(), alpha=m.scaling)
         ctx.layers, ctx.p = layers, p
-        ctx.save_for_backward(xs, mask, h, a, *b)
+        ctx.save_for_backward(x2, h, a, *b)
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        xs, mask, h, a, *b = ctx.saved_tensors
+        x2, h, a, *b = ctx.saved_tensors
         layers = ctx.layers
+        if ctx.rng is None:
+            xs, mask = dropped(x2, len(layers), 0.0)
+        else:
+            with rng_restored(ctx.rng, x2.device):
+                xs, mask = dropped(x2, len(layers), ctx.p)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_parts = dy2.split([t.shape[0] for t in b], dim=1)
         scales = [m.scaling for m in layers]

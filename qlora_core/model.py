@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 from .lora import project
-from .util import QLoRAError
+from .util import QLoRAError, rng_restored, rng_state
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -188,7 +188,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     def forward(ctx, x, cos, sin, layer, mask, input_pos):
         ctx.layer, ctx.mask, ctx.input_pos = layer, mask, input_pos
         ctx.save_for_backward(cos, sin)
-        ctx.rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = rng_state(x.device)
         ctx.host = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
         if x.is_cuda:
             stream = _copy_streams.setdefault(x.device, torch.cuda.Stream(x.device))
@@ -207,10 +207,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         if grad.is_cuda:
             torch.cuda.current_stream(grad.device).wait_event(ctx.copied)
         x = ctx.host.to(grad.device, non_blocking=True).requires_grad_()
-        with torch.random.fork_rng(devices=[grad.device] if grad.is_cuda else []), torch.enable_grad():
-            torch.set_rng_state(ctx.rng[0])
-            if ctx.rng[1] is not None:
-                torch.cuda.set_rng_state(ctx.rng[1], grad.device)
+        with rng_restored(ctx.rng, grad.device), torch.enable_grad():
             y = ctx.layer(x, cos, sin, ctx.mask, ctx.input_pos)
         torch.autograd.backward(y, grad)
         return x.grad, None, None, None, None, None

@@ -1,8 +1,11 @@
 """Small helpers shared by every module: the one logging function and the user-facing error type."""
+import contextlib
 import json
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 
 class QLoRAError(Exception):
@@ -35,6 +38,22 @@ def read_json_object(path: Path, missing: str | None = None) -> dict:
     if not isinstance(d, dict):
         raise QLoRAError(f"{path}: expected a JSON object, got {type(d).__name__}")
     return d
+
+
+def rng_state(device: torch.device) -> tuple:
+    """The CPU's RNG state and, on a GPU, that device's: what dropout draws from."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def rng_restored(state: tuple, device: torch.device):
+    """Run the block from an RNG state taken by rng_state (so it draws the same dropout masks); the RNG is back
+    where it was afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
 
 
 def log(msg: str) -> None:
