@@ -56,6 +56,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class RMSNormFunction(torch.autograd.Function):
+    """weight * x / rms(x), computed in float32 and rounded once. For backward it keeps x in its own dtype and
+    1 / rms, where autograd would keep x's float32 copy (at the 7B shape in bf16: 8 KiB a token less a norm)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (h * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        n = x.float() * r
+        dn = (dy * weight).to(x.dtype).float()
+        dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (dy * n.to(x.dtype)).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -63,9 +86,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class SiluMul(torch.autograd.Function):
+    """silu(gate) * up, keeping gate and up for backward but not silu(gate), which backward computes again
+    (at the 7B shape in bf16: 21.5 KiB a token less a layer); the gradients are autograd's, bit for bit."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dh):
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(dh * up, gate), dh * F.silu(gate)
 
 
 class KVCache(nn.Module):
@@ -155,7 +191,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return project(F.silu(gate) * up, self.down_proj)[0]
+        return project(SiluMul.apply(gate, up), self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):

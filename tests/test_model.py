@@ -7,7 +7,7 @@ import torch
 from conftest import write_checkpoint
 from qlora_core import QLoRAError, load_model
 from qlora_core.generate import generate
-from qlora_core.model import RMSNorm
+from qlora_core.model import RMSNorm, SiluMul
 
 CASES = {
     "multi-head untied": {},
@@ -102,6 +102,33 @@ def test_rmsnorm_in_bf16_rounds_once():
         out = norm(x)
     assert out.dtype == torch.bfloat16
     assert (out.double() - ref).norm() / ref.norm() < 0.00183
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float32, 1e-6), (torch.bfloat16, 5e-3)])
+def test_rmsnorm_gradients_equal_float64_autograd(dtype, bound):
+    """RMSNorm's hand-written backward (it keeps x, not a float32 copy) against autograd of the formula in float64,
+    for x and for a weight that is trained."""
+    x = (torch.randn(4, 8, 256) * 3).to(dtype).requires_grad_()
+    norm = RMSNorm(256, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    dy = torch.randn(4, 8, 256).to(dtype)
+    norm(x).backward(dy)
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(dy.double())
+    for got, want in ((x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert got.dtype == dtype
+        assert (got.double() - want).norm() <= bound * want.norm()
+
+
+def test_silu_mul_gradients_are_autograd_s():
+    gate, up = (torch.randn(64, 96).bfloat16().requires_grad_() for _ in range(2))
+    dh = torch.randn(64, 96).bfloat16()
+    SiluMul.apply(gate, up).backward(dh)
+    ours = gate.grad.clone(), up.grad.clone()
+    gate.grad = up.grad = None
+    (torch.nn.functional.silu(gate) * up).backward(dh)
+    assert torch.equal(ours[0], gate.grad) and torch.equal(ours[1], up.grad)
 
 
 def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
