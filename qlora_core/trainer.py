@@ -118,7 +118,7 @@ def auto_max_tokens(model) -> int:
     With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer
     (none when those are offloaded to host memory), plus the working set of the one layer being recomputed (about
     8 hidden-sized and 4 intermediate-sized tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so
-    the seed's steps of about 5,700 tokens go as two micro-batches, or, offloaded, about 8,600, so as one.
+    the seed's steps of about 5,700 tokens go as two micro-batches, or, offloaded, about 8,900, so as one.
     The budget stays between 2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense
     masked matrix, whose cost grows with the square of the micro-batch. Measurements: benchmarks/README.md.
     """
