@@ -290,11 +290,12 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), x.dtype)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and self.offload_activations:
+            if recompute and self.offload_activations:
                 x = x if x.requires_grad else x.detach().requires_grad_()  # else the Function would have no backward
                 x = OffloadedCheckpoint.apply(x, cos, sin, layer, mask, input_pos)
-            elif self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            elif recompute:
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, input_pos)

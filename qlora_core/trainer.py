@@ -207,14 +207,15 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def rng_state() -> dict:
+def process_rng() -> dict:
+    """Every RNG state of this process, as a checkpoint holds them."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     return rng
 
 
-def set_rng_state(rng: dict) -> None:
+def set_process_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if "cuda" in rng and torch.cuda.is_available():
@@ -230,7 +231,7 @@ def seed_rank(seed: int, step: int) -> None:
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
     """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all."""
     final = output_dir / f"checkpoint-{step}"
-    rngs = distributed.gather(rng_state())
+    rngs = distributed.gather(process_rng())
     if not distributed.is_main():
         return final
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -274,9 +275,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     ranks = [rng, *rng.get("other_ranks", [])]
     if len(ranks) == world:
-        set_rng_state(ranks[distributed.rank()])
+        set_process_rng(ranks[distributed.rank()])
     elif distributed.is_main():
-        set_rng_state(rng)
+        set_process_rng(rng)
         log(f"{path} was written by {len(ranks)} processes, this run has {world}: ranks after the first draw new "
             "dropout masks")
     else:

@@ -116,23 +116,30 @@ def test_cuda_graph_decoding_equals_eager(tmp_path, num_beams):
     assert any(len(row) < 24 for row in eager), "no row stopped at EOS"
 
 
-def test_packed_training_on_cuda_equals_rows_run_alone(tmp_path):
-    """Flash attention's variable-length path (bf16, NF4 + LoRA): packed records give each record's own logits
-    and the gradients of running the records one by one."""
-    write_checkpoint(tmp_path, num_key_value_heads=2)
-    model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.bfloat16, device="cuda")
+def nf4_lora_and_records(path, dropout):
+    """An NF4 + bf16 model on CUDA with LoRA (B random, so every gradient counts) and four records of 183 tokens
+    in all, so the grouped LoRA path runs (>= 64 rows)."""
+    write_checkpoint(path, num_key_value_heads=2)
+    model = load_model(path, quantize="nf4", compute_dtype=torch.bfloat16, device="cuda")
     torch.manual_seed(0)
-    add_lora(model, r=4, alpha=16, dropout=0.0)
+    add_lora(model, r=4, alpha=16, dropout=dropout)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
-    from qlora_core.data import collate, collate_packed
-    from qlora_core.trainer import loss_sum
     examples = []
-    for n in (37, 80, 5, 61):  # 183 tokens: the grouped LoRA path runs (>= 64 rows)
+    for n in (37, 80, 5, 61):
         ids = torch.randint(3, 128, (n,)).tolist()
         examples.append((ids, [-100] * (n // 3) + ids[n // 3:]))
+    return model, examples
+
+
+def test_packed_training_on_cuda_equals_rows_run_alone(tmp_path):
+    """Flash attention's variable-length path (bf16, NF4 + LoRA): packed records give each record's own logits
+    and the gradients of running the records one by one."""
+    from qlora_core.data import collate, collate_packed
+    from qlora_core.trainer import loss_sum
+    model, examples = nf4_lora_and_records(tmp_path, dropout=0.0)
     packed = collate_packed(examples)
     with torch.no_grad():
         logits = model(packed["input_ids"].cuda(), cu_seqlens=packed["cu_seqlens"])[0]
@@ -265,19 +272,9 @@ def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
 def test_offloaded_checkpoints_on_cuda_give_the_gradients_of_plain_checkpointing(tmp_path):
     """Layer inputs kept in pinned host memory (copied on a side stream), NF4 + bf16, packed, dropout 0.1: the same
     gradients as gradient checkpointing that keeps them on the GPU, and the same RNG state after."""
-    write_checkpoint(tmp_path, num_key_value_heads=2)
-    model = load_model(tmp_path, quantize="nf4", compute_dtype=torch.bfloat16, device="cuda")
-    add_lora(model, r=4, alpha=16, dropout=0.1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
     from qlora_core.data import collate_packed
     from qlora_core.trainer import loss_sum
-    examples = []
-    for n in (37, 80, 5, 61):
-        ids = torch.randint(3, 128, (n,)).tolist()
-        examples.append((ids, [-100] * (n // 3) + ids[n // 3:]))
+    model, examples = nf4_lora_and_records(tmp_path, dropout=0.1)
     packed = collate_packed(examples)
     model.train()
     model.model.gradient_checkpointing = True
