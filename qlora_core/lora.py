@@ -103,6 +103,11 @@ def base_weights(layers, dtype: torch.dtype, device) -> torch.Tensor:
     return w
 
 
+REDRAW_DROPOUT_ON = ("cuda",)
+"""Devices on which LoRAProjection draws its dropout masks again in backward instead of keeping them. On a GPU
+random numbers are cheap and memory is not; on the CPU drawing them is slow (15% of a SmolLM2-135M training step)."""
+
+
 def dropped(x2: torch.Tensor, n: int, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """n dropout draws of x2 [rows, in] as [n, rows, in], and their masks (None, and no copy, when p is 0)."""
     xs = x2.expand(n, *x2.shape)
@@ -113,9 +118,9 @@ class LoRAProjection(torch.autograd.Function):
     """y = x W^T + b + [s_i * dropout_i(x) A_i^T B_i^T for each layer i], concatenated over the layers.
 
     Each layer keeps its own dropout mask, as separate LoRA modules would. Only A and B get gradients; the
-    base weights are dequantized again in backward instead of being kept, and so are the dropout masks: backward
-    draws them again from the forward's RNG state, so it keeps x alone, not the masks and the dropped copies (at
-    the 7B shape with dropout, 59 KiB a token less for a decoder layer's four groups).
+    base weights are dequantized again in backward instead of being kept. On a GPU (REDRAW_DROPOUT_ON) so are
+    the dropout masks: backward draws them again from the forward's RNG state, so it keeps x alone, not the masks
+    and the dropped copies (at the 7B shape with dropout, 59 KiB a token less for a decoder layer's four groups).
     """
 
     @staticmethod
@@ -129,24 +134,23 @@ class LoRAProjection(torch.autograd.Function):
         a = torch.stack(lora_weights[0::2]).to(dtype)  # [n, r, in]
         b = [t.to(dtype) for t in lora_weights[1::2]]  # each [out_i, r]
         p = layers[0].lora_dropout.p if layers[0].training else 0.0
-        ctx.rng = rng_state(x.device) if p > 0 else None
+        redraw = p > 0 and x.device.type in REDRAW_DROPOUT_ON
+        ctx.rng = rng_state(x.device) if redraw else None
         xs, mask = dropped(x2, n, p)
         h = torch.bmm(xs, a.transpose(1, 2))  # [n, rows, r]
         for i, (part, m) in enumerate(zip(y.split([t.shape[0] for t in b], dim=1), layers)):
             part.addmm_(h[i], b[i].t(), alpha=m.scaling)
         ctx.layers, ctx.p = layers, p
-        ctx.save_for_backward(x2, h, a, *b)
+        ctx.save_for_backward(x2 if redraw else xs, None if redraw else mask, h, a, *b)
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, h, a, *b = ctx.saved_tensors
+        xs, mask, h, a, *b = ctx.saved_tensors
         layers = ctx.layers
-        if ctx.rng is None:
-            xs, mask = dropped(x2, len(layers), 0.0)
-        else:
-            with rng_restored(ctx.rng, x2.device):
-                xs, mask = dropped(x2, len(layers), ctx.p)
+        if ctx.rng is not None:  # xs is x: draw the forward's masks again
+            with rng_restored(ctx.rng, xs.device):
+                xs, mask = dropped(xs, len(layers), ctx.p)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_parts = dy2.split([t.shape[0] for t in b], dim=1)
         scales = [m.scaling for m in layers]
