@@ -1,5 +1,6 @@
 """Shared fixtures: small random-weight checkpoints written by transformers, the reference implementation."""
 import hashlib
+import importlib.util
 import random
 import shutil
 import zlib
@@ -8,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def script(name: str):
+    """train.py or infer.py loaded as a module, so a test can call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def need_shared(relpath: str) -> Path:

@@ -2,7 +2,6 @@
 
 Skipped without a GPU (CI is CPU-only); run on a GPU machine with `python -m pytest tests/test_cuda.py`.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_checkpoint
+from conftest import script, write_checkpoint
 from qlora_core import load_model
 from qlora_core.builtin import NAME as BUILTIN_NAME, builtin_model_dir
 from qlora_core.generate import generate
@@ -63,9 +62,7 @@ def test_train_resume_and_infer_on_cuda(tmp_path, monkeypatch):
     """train.py on the GPU (NF4, bf16, gradient checkpointing, LoRA dropout): a run stopped by SIGTERM after step 6
     and resumed trains steps 7-12 as the uninterrupted run does; infer.py then runs on its adapter."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
+    train_cli = script("train")
     args = ["--max-steps", "12", "--save-every", "6", "--eval-every", "6", "--model",
             str(builtin_model_dir(tmp_path / "cache"))]
     straight, out = tmp_path / "straight", tmp_path / "run"

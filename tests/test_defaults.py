@@ -1,24 +1,14 @@
 """The default job: finding SmolLM2's GGUF, the demo fallback, the closing report, and infer.py after it."""
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
+from conftest import script
 from qlora_core import defaults
 from qlora_core.builtin import builtin_model_dir
 from qlora_core.defaults import CPU_SCALE, GPU_SCALE, SMOLLM2_FILE, job_scale, smollm2_gguf
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_gguf_is_found_without_importing_the_package(tmp_path, monkeypatch):

@@ -1,5 +1,4 @@
 """infer.py end to end on a tiny checkpoint with a SentencePiece tokenizer trained on the HW3 training text."""
-import importlib.util
 import io
 import json
 import math
@@ -13,7 +12,7 @@ import pytest
 import sentencepiece
 import torch
 
-from conftest import fake_hub_cache, need_shared, write_checkpoint
+from conftest import fake_hub_cache, need_shared, script, write_checkpoint
 from qlora_core import QLoRAError, load_model
 from qlora_core.generate import build_prompts, generate
 from qlora_core.lora import add_lora, load_adapter, save_adapter
@@ -133,10 +132,7 @@ def test_hub_id_at_a_revision_reads_that_snapshot(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def infer_module():
-    spec = importlib.util.spec_from_file_location("infer_cli", ROOT / "infer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("infer")
 
 
 def test_help_explains_every_flag(infer_module, capsys):

@@ -1,7 +1,6 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
 import copy
 import dataclasses
-import importlib.util
 import json
 import os
 import random
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from conftest import fake_hub_cache, need_shared, write_checkpoint
+from conftest import fake_hub_cache, need_shared, script, write_checkpoint
 from test_metrics import ByteTokenizer
 import qlora_core.trainer as trainer_module
 from qlora_core import QLoRAError, load_model
@@ -363,14 +362,21 @@ def lora_on(path, r=4, alpha=16, dropout=0.0, targets="all-linear"):
     return add_lora(load_model(path, compute_dtype=torch.float32, device="cpu"), r, alpha, dropout, targets).train()
 
 
-def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypatch):
+def trained_run(tmp_path, n_examples, max_steps):
+    """A finished run in tmp_path/run of a tiny checkpoint (tmp_path/m), 2 records a step and a checkpoint each
+    step; returns its examples and config."""
     torch.manual_seed(0)
     random.seed(0)
     write_checkpoint(tmp_path / "m", num_key_value_heads=2)
-    examples = random_examples(8)
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, grad_accum=1, eval_every=0,
-                      save_every=1, optim="adamw")
+    examples = random_examples(n_examples)
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=max_steps, batch_size=2, grad_accum=1,
+                      eval_every=0, save_every=1, optim="adamw")
     train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    return examples, cfg
+
+
+def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypatch):
+    examples, cfg = trained_run(tmp_path, 8, max_steps=2)
     straight = adapter(tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoint-1"
     shutil.rmtree(tmp_path / "run" / "checkpoint-2")
@@ -394,13 +400,7 @@ def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypat
     ({}, {"targets": ["q_proj", "v_proj"]}, "LoRA targets"),
 ])
 def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
-    torch.manual_seed(0)
-    random.seed(0)
-    write_checkpoint(tmp_path / "m", num_key_value_heads=2)
-    examples = random_examples(4)
-    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=1, eval_every=0,
-                      save_every=1, optim="adamw")
-    train(lora_on(tmp_path / "m"), examples, 0, cfg)
+    examples, cfg = trained_run(tmp_path, 4, max_steps=1)
     with pytest.raises(QLoRAError, match=f"cannot resume: it was trained with {name}="):
         train(lora_on(tmp_path / "m", **lora_change), examples, 0, dataclasses.replace(cfg, **change), resume=True)
 
@@ -506,10 +506,7 @@ def test_bad_data_exits_with_one_line(tmp_path, content, message):
 
 @pytest.fixture(scope="module")
 def train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script("train")
 
 
 @pytest.mark.parametrize("flag", ["--max-len", "--max-source-len", "--max-target-len"])
@@ -578,14 +575,6 @@ def test_hub_id_is_resolved_to_its_snapshot_before_the_tokenizer_is_read(tmp_pat
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "owner/tiny"
 
 
-@pytest.fixture(scope="module")
-def train_module():
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--lr", "-1"], "--lr must be positive, got -1.0"),
     (["--lr", "nan"], "--lr must be positive"),
@@ -601,24 +590,24 @@ def train_module():
     (["--template", "no field"], "--template has no {instruction} field"),
     (["--revision", "main"], "--revision needs --model"),
 ])
-def test_flags_are_checked_before_any_file_is_read(train_module, tmp_path, extra, message):
+def test_flags_are_checked_before_any_file_is_read(train_cli, tmp_path, extra, message):
     missing = tmp_path / "missing.json"  # read before the flags are checked, it would be the error
     with pytest.raises(QLoRAError, match=re.escape(message)):
-        train_module.main(["--train-file", str(missing), "--output-dir", str(tmp_path / "out"), *extra])
+        train_cli.main(["--train-file", str(missing), "--output-dir", str(tmp_path / "out"), *extra])
 
 
 @pytest.mark.parametrize("files", [["--train-file", "{bad}"],
                                    ["--train-file", str(DEFAULT_TRAIN), "--eval-file", "{bad}"]])
-def test_data_files_are_checked_before_the_model_is_looked_for(train_module, tmp_path, files):
+def test_data_files_are_checked_before_the_model_is_looked_for(train_cli, tmp_path, files):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": "a", "instruction": "x"}]')
     with pytest.raises(QLoRAError, match=re.escape(f'{bad}: record 0: field "output" is missing')):
-        train_module.main(["--model", str(tmp_path / "nonexistent"), *[f.format(bad=bad) for f in files]])
+        train_cli.main(["--model", str(tmp_path / "nonexistent"), *[f.format(bad=bad) for f in files]])
 
 
-def test_missing_model_directory_names_the_model_path(train_module, tmp_path):
+def test_missing_model_directory_names_the_model_path(train_cli, tmp_path):
     with pytest.raises(QLoRAError, match=re.escape(str(tmp_path / "nonexistent")) + ": no such directory") as e:
-        train_module.main(["--model", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "out")])
+        train_cli.main(["--model", str(tmp_path / "nonexistent"), "--output-dir", str(tmp_path / "out")])
     assert "tokenizer" not in str(e.value)
 
 
