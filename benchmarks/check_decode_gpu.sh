@@ -10,23 +10,10 @@
 # Settings: LAYERS (32), PRESET (llama-2-7b), WORKDIR (/tmp/qlora_bench), PYTHON (python3), ADL_ARGS (more flags for
 # bench_generate.py, e.g. "--hf-job-prompts 16"). Stages have time limits (micro 150 s, tests 150 s, adl what is
 # left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
-set -uo pipefail
-: "${OUT:?set OUT to the folder for the results}"
-LAYERS=${LAYERS:-32}
-PRESET=${PRESET:-llama-2-7b}
-WORKDIR=${WORKDIR:-/tmp/qlora_bench}
-PYTHON=${PYTHON:-python3}
 BUDGET=${BUDGET:-580}
+. "$(dirname "$0")/gpu_setup.sh"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(micro tests adl)  # micro compiles the kernels the others then find cached
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .whl ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
 LENGTHS=${LENGTHS:-}
 for f in .bench/train_llama2_lengths.json ../shared/data/adl-hw3/train_llama2_lengths.json; do
   [ -z "$LENGTHS" ] && [ -f "$f" ] && LENGTHS=$f

@@ -9,22 +9,9 @@
 # WORKDIR (random checkpoint, default /tmp/qlora_bench; reused when already there), PYTHON (python3), and
 # TRAIN_ARGS / GENERATE_ARGS (more flags for bench_train.py / bench_generate.py, e.g. "--steps 5").
 # If .whl/ exists (../shared/tools/device-wheels.sh puts bitsandbytes there), its wheels are installed first.
-set -uo pipefail
-: "${OUT:?set OUT to the folder for the results}"
-LAYERS=${LAYERS:-32}
-PRESET=${PRESET:-llama-2-7b}
-WORKDIR=${WORKDIR:-/tmp/qlora_bench}
-PYTHON=${PYTHON:-python3}
+. "$(dirname "$0")/gpu_setup.sh"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(train generate)
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-if [ -d .whl ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
