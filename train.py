@@ -90,6 +90,10 @@ def parse_args(argv=None):
     p.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="with gradient checkpointing, keep each layer's input in pinned host memory until "
                    "backward, so a micro-batch can hold more tokens (default: on for CUDA)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each packed micro-batch's forward and backward from CUDA graphs, one per padded "
+                   "shape, with layer inputs kept on the GPU; --no-cuda-graphs runs them eagerly (default: on for "
+                   "one process on CUDA)")
     return p.parse_args(argv)
 
 
@@ -137,7 +141,7 @@ def main(argv=None):
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                      offload_activations=args.offload_activations,
+                      offload_activations=args.offload_activations, cuda_graphs=args.cuda_graphs,
                       max_tokens=args.max_tokens, memory_profile=args.memory_profile,
                       global_batch_size=args.global_batch_size)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)

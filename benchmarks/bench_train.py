@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, report, reset_peak, setup)
+from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
+                    measure, peak_gib, report, reset_peak, setup)
 
 from qlora_core import distributed  # after common, which puts the repo on sys.path
 from qlora_core.data import IGNORE_INDEX, collate
@@ -86,13 +86,23 @@ def load_ours(model_dir, device, args):
     return model, params, make_optimizer(params, "paged_adamw_32bit", lr=2e-4)
 
 
-def train_step_ours(model, params, optimizer, batches, device, n_targets=None, ddp=None):
+def ours_graphs(model, args, device):
+    """(max_tokens, StepGraphs or None) as train() picks them: graphs on CUDA in one process unless --no-cuda-graphs."""
+    from qlora_core.step_graphs import StepGraphs
+    from qlora_core.trainer import auto_max_tokens
+
+    use = args.cuda_graphs and torch.device(device).type == "cuda" and distributed.world_size() == 1
+    max_tokens = args.max_tokens or auto_max_tokens(model, offloaded=args.offload_activations and not use)
+    return max_tokens, StepGraphs(model, max_tokens) if use else None
+
+
+def train_step_ours(model, params, optimizer, batches, device, n_targets=None, ddp=None, graphs=None):
     from qlora_core.trainer import accumulate_gradients
 
-    loss = accumulate_gradients(model, batches, n_targets=n_targets, ddp=ddp)
+    loss = accumulate_gradients(model, batches, n_targets=n_targets, ddp=ddp, graphs=graphs)
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=ddp is None)
+    optimizer.zero_grad(set_to_none=ddp is None and graphs is None)
     return loss
 
 
@@ -189,30 +199,32 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
 
 def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     """One row of the seed's job: load the stack, warm up, time optimizer steps over the ADL-shaped records."""
-    from qlora_core.trainer import LossSum, auto_max_tokens, example_targets, micro_batches
+    from qlora_core.trainer import LossSum, example_targets, micro_batches
 
     log(f"{impl}: loading")
     free_memory(device)
     world, ddp = distributed.world_size(), None
+    graphs = None
     if impl == "ours":
         model, params, optimizer = load_ours(model_dir, device, args)
-        max_tokens = args.max_tokens or auto_max_tokens(model)
+        max_tokens, graphs = ours_graphs(model, args, device)
         if world > 1:
             ddp = distributed.data_parallel(LossSum(model))
     else:
         model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=True)
     weights_gib = allocated_gib(device)
-    it, losses, shapes = iter(steps), [], []
+    it, losses, shapes, seen = iter(steps), [], [], []
 
-    def step():
-        records = next(it)
+    def step(records=None):
+        records = records or next(it)
+        seen.append(records)
         if impl == "ours":
             share = list(range(len(records)))
             if ddp:
                 share = distributed.split_by_tokens(share, [len(ids) for ids, _ in records], world)[distributed.rank()]
             batches = micro_batches(records, share, max_tokens)
             n_targets = sum(example_targets(r) for r in records)
-            losses.append(train_step_ours(model, params, optimizer, batches, device, n_targets, ddp))
+            losses.append(train_step_ours(model, params, optimizer, batches, device, n_targets, ddp, graphs))
         else:
             size = 2 if impl == "hf-seed" else len(records)
             batches = [collate(records[i:i + size], 0) for i in range(0, len(records), size)]
@@ -220,9 +232,9 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
         shapes.append([tuple(b["input_ids"].shape) for b in batches])
 
     reset_peak(device)
-    timing = measure(step, args.warmup_steps, args.steps, device)
-    tokens = sum(len(ids) for records in steps[args.warmup_steps:args.warmup_steps + args.steps]
-                 for ids, _ in records) / args.steps
+    warmup = args.warmup_steps if impl == "ours" else min(args.warmup_steps, args.hf_warmup_steps)
+    timing = measure(step, warmup, args.steps, device)
+    tokens = sum(len(ids) for records in seen[warmup:] for ids, _ in records) / args.steps
     peak = peak_gib(device)
     if ddp and params[0].is_cuda:  # the largest of any GPU's
         for key, value in peak.items():
@@ -231,9 +243,11 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
             peak[key] = t.item()
     row = {"impl": impl, "world_size": world, "records_per_step": len(steps[0]), "step_s": timing["median_s"],
            "tokens_per_s": tokens / timing["median_s"], **peak, "weights_gib": weights_gib,
-           "first_loss": losses[0], "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"]}
+           "first_loss": losses[0], "micro_batches": len(shapes[-1]), "step_times_s": timing["times_s"],
+           "warmup_steps": warmup, **gpu_busy(lambda: step(seen[-1]), timing["median_s"], device)}
     if impl == "ours":
-        row["max_tokens"], row["offload_activations"] = max_tokens, args.offload_activations
+        row["max_tokens"], row["offload_activations"] = max_tokens, args.offload_activations and not graphs
+        row["cuda_graphs"] = len(graphs.graphs) if graphs else 0
         try:  # a failure in a profiler leaves the timed row standing
             if args.memory_profile and torch.device(device).type == "cuda":
                 from qlora_core.memprofile import MemoryProfile
@@ -244,24 +258,45 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
         except Exception as e:
             log(f"{impl}: profiling failed: {type(e).__name__}: {e}")
             row["profile_error"] = f"{type(e).__name__}: {e}"
-    del model, params, optimizer, it, step, ddp
+    del model, params, optimizer, it, step, ddp, graphs, seen
     free_memory(device)
     log(f"{impl}: {row['step_s']:.3f} s/step, {row['tokens_per_s']:.0f} tokens/s, loss {row['first_loss']:.4f}")
     return row
 
 
+def real_steps(n_steps: int, records: int, model_dir, data_file, seed: int = 0) -> list[list[tuple]]:
+    """n_steps lists of `records` real ADL records (drawn with a fixed seed) tokenized by the model's tokenizer as
+    train.py tokenizes them (the seed's template and lengths)."""
+    from qlora_core.data import DataConfig, load_records, tokenize_records
+    from qlora_core.tokenizer import load_tokenizer
+
+    examples = tokenize_records(load_tokenizer(model_dir), load_records(data_file), DataConfig())
+    rng = random.Random(seed)
+    return [rng.sample(examples, records) for _ in range(n_steps)]
+
+
 def main_adl(args):
     world = distributed.world_size()
     if args.impls == ",".join(IMPLS):  # the synthetic workload's default: take this workload's rows
-        args.impls = ",".join(ADL_IMPLS) if world == 1 else "ours"
+        args.impls = ",".join(ADL_IMPLS if not args.model else ADL_IMPLS[:2]) if world == 1 else "ours"
     if world > 1 and args.impls != "ours":
         raise SystemExit("under torchrun only --impls ours runs (the transformers rows are one-process)")
     args.device = distributed.setup(args.device)
-    with distributed.main_first():  # one process writes the random checkpoint
-        impls, cfg, model_dir = setup(args, ADL_IMPLS)
     n = args.warmup_steps + args.steps + bool(args.profile) + bool(args.memory_profile)
     records = args.global_batch_size or args.batch_size * args.grad_accum * world
-    steps = adl_steps(n, records, args.lengths, cfg.vocab_size)
+    if args.model:  # the real model on the real records
+        from qlora_core.checkpoint import resolve_model_dir
+        from qlora_core.config import ModelConfig
+        if not args.data:
+            raise SystemExit("--model needs --data (the ADL train.json)")
+        with distributed.main_first():  # one process converts a GGUF into the cache
+            model_dir = resolve_model_dir(args.model)
+        impls, cfg = [i for i in args.impls.split(",") if i], ModelConfig.from_json(model_dir / "config.json")
+        steps = real_steps(n, records, model_dir, args.data)
+    else:
+        with distributed.main_first():  # one process writes the random checkpoint
+            impls, cfg, model_dir = setup(args, ADL_IMPLS)
+        steps = adl_steps(n, records, args.lengths, cfg.vocab_size)
     rows = []
     for impl in impls:
         try:
@@ -284,6 +319,76 @@ def main_adl(args):
     distributed.teardown()
 
 
+def attention_rows(seq_lens, heads: int, head_dim: int, device) -> list[dict]:
+    """Causal attention of one record, forward and backward, through flash's variable-length kernel and through
+    SDPA: which one qlora_core should take for a record alone."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    from qlora_core.model import VARLEN_CAUSAL
+    rows = []
+    for n in seq_lens:
+        q, k, v = (torch.randn(n, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
+        kernels = {"attn-varlen": lambda: varlen_attn(q, k, v, cu, cu, n, n, **VARLEN_CAUSAL),
+                   "attn-sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
+                       q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True).transpose(0, 1)}
+        for impl, fn in kernels.items():
+            timing = measure(lambda: fn().sum().backward(), 2, 5, device)
+            rows.append({"impl": impl, "seq_len": n, "step_s": timing["median_s"],
+                         "tokens_per_s": n / timing["median_s"]})
+            log(f"{impl} {n}: {timing['median_s'] * 1e3:.1f} ms forward + backward")
+    return rows
+
+
+def main_long(args):
+    """One record of each --seq-lens at the model's shape: forward, backward, clipping and the optimizer step."""
+    from qlora_core.trainer import micro_batches
+
+    if args.impls == ",".join(IMPLS):
+        args.impls = "ours,hf"
+    impls, cfg, model_dir = setup(args, ("ours", "hf"))
+    lengths = [int(n) for n in args.seq_lens.split(",")]
+    rows = attention_rows(lengths, cfg.num_attention_heads, cfg.head_dim, args.device) if args.device != "cpu" else []
+    gen = torch.Generator().manual_seed(0)
+    for impl in impls:
+        free_memory(args.device)
+        if impl == "ours":
+            model, params, optimizer = load_ours(model_dir, args.device, args)
+            max_tokens, graphs = ours_graphs(model, args, args.device)
+        else:
+            model, params, optimizer = load_hf(model_dir, args.device, args, fp32_cast=True)
+        for n in lengths:
+            ids = [1] + torch.randint(3, cfg.vocab_size, (n - 1,), generator=gen).tolist()
+            record = (ids, [IGNORE_INDEX] * 64 + ids[64:])
+
+            def step():
+                if impl == "ours":
+                    return train_step_ours(model, params, optimizer, micro_batches([record], [0], max_tokens),
+                                           args.device, graphs=graphs)
+                return train_step_hf(model, params, optimizer, [collate([record], 0)], args.device, autocast=True)
+
+            try:
+                reset_peak(args.device)
+                timing = measure(step, 1, args.steps, args.device)
+                row = {"impl": impl, "seq_len": n, "step_s": timing["median_s"], "tokens_per_s": n / timing["median_s"],
+                       **peak_gib(args.device), **gpu_busy(step, timing["median_s"], args.device)}
+            except torch.OutOfMemoryError as e:
+                row = {"impl": impl, "seq_len": n, "error": f"OutOfMemoryError: {str(e).splitlines()[0]}"}
+            rows.append(row)
+            log(f"{impl} {n}: {row}")
+            free_memory(args.device)
+        del model, params, optimizer
+        free_memory(args.device)
+    for r in rows:
+        ours = next((o for o in rows if o["impl"] == "ours" and o["seq_len"] == r["seq_len"] and "error" not in o), None)
+        if ours and "error" not in r and r["impl"] == "hf":
+            r["ours_speedup_vs_this"] = ours["tokens_per_s"] / r["tokens_per_s"]
+            r["ours_peak_over_this"] = ours["peak_alloc_gib"] / r["peak_alloc_gib"] if r["peak_alloc_gib"] else None
+    report(args, rows, ["impl", "seq_len", "step_s", "tokens_per_s", "peak_alloc_gib", "gpu_busy",
+                        "ours_speedup_vs_this", "ours_peak_over_this"], cfg, model_dir, "long_seq")
+
+
 def main():
     ap = base_parser(__doc__, IMPLS)
     ap.add_argument("--batch-size", type=int, default=2)
@@ -295,20 +400,32 @@ def main():
     ap.add_argument("--profile", metavar="DIR", help="also profile one more step of each impl into DIR/profile_IMPL.txt")
     ap.add_argument("--no-hf-autocast", dest="hf_autocast", action="store_false",
                     help="run the hf row without bf16 autocast")
-    ap.add_argument("--workload", choices=["synthetic", "adl"], default="synthetic",
-                    help="adl: the seed's job (32 records of ADL lengths a step; rows ours, hf-seed, hf-best)")
+    ap.add_argument("--workload", choices=["synthetic", "adl", "long"], default="synthetic",
+                    help="adl: the seed's job (32 records of ADL lengths a step; rows ours, hf-seed, hf-best); "
+                    "long: one record of each --seq-lens, ours and hf")
     ap.add_argument("--lengths", default=str(LENGTHS), help="the ADL token counts (--workload adl)")
+    ap.add_argument("--model", help="--workload adl on a real model: a checkpoint directory or a .gguf (with --data)")
+    ap.add_argument("--data", help="the ADL train.json whose records --model's tokenizer tokenizes")
+    ap.add_argument("--seq-lens", default="8192,32768,65536",
+                    help="--workload long: one record of each length, forward and backward (comma-separated)")
     ap.add_argument("--max-tokens", type=int, help="ours' packed micro-batch budget (default: auto_max_tokens)")
     ap.add_argument("--offload-activations", action=argparse.BooleanOptionalAction, default=True,
                     help="ours keeps the checkpointed layer inputs in pinned host memory, as train.py does on CUDA")
     ap.add_argument("--global-batch-size", type=int,
                     help="records per step over all torchrun processes (default: batch-size x grad-accum each)")
     ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours replays micro-batches from CUDA graphs, as train.py does on one GPU")
+    ap.add_argument("--hf-warmup-steps", type=int, default=1,
+                    help="warm-up steps of the transformers rows (theirs reach their pace after one; ours take "
+                         "--warmup-steps, enough to capture most of their graphs' shapes)")
     args = ap.parse_args()
     if args.workload == "adl":
         if args.grad_accum == 4 and args.batch_size == 2:  # the synthetic defaults: take the seed's 16 x 2
             args.grad_accum = 16
         return main_adl(args)
+    if args.workload == "long":
+        return main_long(args)
 
     impls, cfg, model_dir = setup(args, IMPLS)
     batches = make_batches((args.warmup_steps + args.steps + bool(args.profile)) * args.grad_accum, args.batch_size, args.seq_len,

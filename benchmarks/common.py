@@ -172,6 +172,34 @@ def measure(fn, warmup: int, iters: int, device) -> dict:
     return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times)}
 
 
+def gpu_busy(fn, step_s: float, device) -> dict:
+    """{"gpu_busy": the seconds the GPU spends executing kernels and copies in one more call of fn, over step_s},
+    with step_s the median wall time of the timed (unprofiled) calls.
+
+    The busy time is the union of the device activity intervals that torch.profiler records in that call (kernels
+    inside CUDA graph replays included); the profiler slows the host, not the device, so its own wall time is not
+    used. A failure of the profiler leaves {"gpu_busy": None, "gpu_busy_error": ...}.
+    """
+    if torch.device(device).type != "cuda":
+        return {"gpu_busy": None}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize(device)
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == DeviceType.CUDA)
+    except Exception as e:  # noqa: BLE001 - the timed numbers stand without it
+        log(f"gpu_busy: profiler failed: {type(e).__name__}: {e}")
+        return {"gpu_busy": None, "gpu_busy_error": f"{type(e).__name__}: {e}"}
+    busy, end = 0.0, float("-inf")
+    for start, stop in spans:
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    return {"gpu_busy": busy * 1e-6 / step_s, "gpu_busy_s": busy * 1e-6}
+
+
 def reset_peak(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -104,5 +104,9 @@ PRESETS = {
     "llama-3-8b": ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
                               max_position_embeddings=8192, bos_token_id=128000, eos_token_id=128001),
+    "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                                max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1,
+                                eos_token_id=2),
 }
 """Real shapes for benchmarks (weights are random there; no machine here reaches the hub)."""

@@ -151,6 +151,7 @@ def collate_packed(examples: list[tuple[list[int], list[int]]]) -> dict[str, tor
         "labels": torch.tensor([t for _, lab in examples for t in lab], dtype=torch.long)[None],
         "position_ids": torch.cat([torch.arange(n) for n in lengths])[None],
         "cu_seqlens": torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32),
+        "max_seqlen": max(lengths),
     }
     return add_targets(batch)
 

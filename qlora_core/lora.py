@@ -3,6 +3,7 @@
 Adapters are saved and read in peft's layout (adapter_config.json, adapter_model.safetensors with keys
 `base_model.model.<module>.lora_A.weight`), so an adapter trained here loads in peft and the other way round.
 """
+import itertools
 import json
 import math
 import os
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .kernels.dropout import dropped as seeded_draws, dropped_sum as seeded_sum, seeded as seeded_dropout
 from .kernels.nf4_dequant import dequantize_nf4
 from .quant import PROJECTIONS, dense_weight, is_4bit, storage_bytes
-from .util import QLoRAError, log, read_json_object, rng_restored, rng_state
+from .util import QLoRAError, log, read_json_object
 
 PEFT_PREFIX = "base_model.model."
 """What peft puts before our module names in an adapter's keys (PeftModel.base_model.model is our model)."""
@@ -40,6 +42,9 @@ class LoRAConfig:
     """Short names of the linear layers that get an adapter, in every decoder layer."""
 
 
+_dropout_sites = itertools.count()
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer (dense or 4-bit) plus a trainable low-rank update: base(x) + alpha/r * B A dropout(x).
 
@@ -54,6 +59,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout)
         self.scaling = alpha / r
+        self.dropout_site = next(_dropout_sites)
+        """Which masks this layer's dropout draws on CUDA (kernels/dropout.py): distinct for every layer."""
         self.merged = False
         """True while the update is folded into a dense base weight (see merge_lora)."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -71,19 +78,21 @@ class LoRALinear(nn.Module):
 
 
 GROUP_MIN_ROWS = 64
-"""Below this many rows (decoding) each projection runs alone, on bitsandbytes' 4-bit matmul."""
+"""Below this many rows each projection runs alone, on bitsandbytes' 4-bit matmul, except in training (so that
+every training step draws its dropout masks in one place)."""
 
 
 def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     """The outputs of linear layers that share the input x (q/k/v, gate/up), as [layer(x) for layer in layers].
 
-    When they are all unmerged LoRA layers with one dropout rate and x has many rows (training, prefill,
-    perplexity), one `LoRAProjection` computes them together: one dequantized weight and one matmul for the
+    When they are all unmerged LoRA layers with one dropout rate and x has many rows or the layers train (training,
+    prefill, perplexity), one `LoRAProjection` computes them together: one dequantized weight and one matmul for the
     bases, one batched matmul for the adapters' A, and a hand-written backward, instead of some forty autograd
     operations. Anything else runs layer by layer.
     """
     grouped = (all(isinstance(m, LoRALinear) and not m.merged for m in layers)
-               and len({m.lora_dropout.p for m in layers}) == 1 and x.numel() // x.shape[-1] >= GROUP_MIN_ROWS)
+               and len({m.lora_dropout.p for m in layers}) == 1
+               and (x.numel() // x.shape[-1] >= GROUP_MIN_ROWS or layers[0].training))
     if not grouped:
         return [m(x) for m in layers]
     y = LoRAProjection.apply(x, layers, *[w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)])
@@ -103,29 +112,34 @@ def base_weights(layers, dtype: torch.dtype, device) -> torch.Tensor:
     return w
 
 
-REDRAW_DROPOUT_ON = ("cuda",)
-"""Devices on which LoRAProjection draws its dropout masks again in backward instead of keeping them. On a GPU
-random numbers are cheap and memory is not; on the CPU drawing them is slow (15% of a SmolLM2-135M training step)."""
+def dropped(x2: torch.Tensor, layers, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each layer's dropout draw of x2 [rows, in] as [n, rows, in], and the masks where backward needs them kept.
 
-
-def dropped(x2: torch.Tensor, n: int, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """n dropout draws of x2 [rows, in] as [n, rows, in], and their masks (None, and no copy, when p is 0)."""
-    xs = x2.expand(n, *x2.shape)
-    return torch.native_dropout(xs, p, True) if p > 0 else (xs, None)
+    On CUDA the masks come from the seed in device memory and the first layer's site (kernels/dropout.py), so
+    backward draws them again instead of keeping them (None). On the CPU they come from torch's RNG and are kept.
+    With p = 0 there is no mask and no copy.
+    """
+    n = len(layers)
+    if p == 0:
+        return x2.expand(n, *x2.shape), None
+    if seeded_dropout(x2):
+        return seeded_draws(x2, n, p, layers[0].dropout_site), None
+    return torch.native_dropout(x2.expand(n, *x2.shape), p, True)
 
 
 class LoRAProjection(torch.autograd.Function):
     """y = x W^T + b + [s_i * dropout_i(x) A_i^T B_i^T for each layer i], concatenated over the layers.
 
-    Each layer keeps its own dropout mask, as separate LoRA modules would. Only A and B get gradients; the
-    base weights are dequantized again in backward instead of being kept. On a GPU (REDRAW_DROPOUT_ON) so are
-    the dropout masks: backward draws them again from the forward's RNG state, so it keeps x alone, not the masks
-    and the dropped copies (at the 7B shape with dropout, 59 KiB a token less for a decoder layer's four groups).
+    Each layer draws its own dropout mask, as separate LoRA modules would. Only A and B get gradients; the
+    base weights are dequantized again in backward instead of being kept. On CUDA so are the dropout draws, from
+    the same seed and sites: backward keeps x alone, not the masks and the dropped copies (at the 7B shape with
+    dropout, 59 KiB a token less for a decoder layer's four groups), and nothing reads or restores the RNG state, so
+    forward and backward can be captured in a CUDA graph.
     """
 
     @staticmethod
     def forward(ctx, x, layers, *lora_weights):
-        dtype, shape, n = x.dtype, x.shape, len(layers)
+        dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])
         w = base_weights(layers, dtype, x.device)
         y = x2 @ w.t()
@@ -134,23 +148,23 @@ class LoRAProjection(torch.autograd.Function):
         a = torch.stack(lora_weights[0::2]).to(dtype)  # [n, r, in]
         b = [t.to(dtype) for t in lora_weights[1::2]]  # each [out_i, r]
         p = layers[0].lora_dropout.p if layers[0].training else 0.0
-        redraw = p > 0 and x.device.type in REDRAW_DROPOUT_ON
-        ctx.rng = rng_state(x.device) if redraw else None
-        xs, mask = dropped(x2, n, p)
+        xs, mask = dropped(x2, layers, p)
         h = torch.bmm(xs, a.transpose(1, 2))  # [n, rows, r]
         for i, (part, m) in enumerate(zip(y.split([t.shape[0] for t in b], dim=1), layers)):
             part.addmm_(h[i], b[i].t(), alpha=m.scaling)
         ctx.layers, ctx.p = layers, p
-        ctx.save_for_backward(x2 if redraw else xs, None if redraw else mask, h, a, *b)
+        redraw = p > 0 and mask is None
+        ctx.save_for_backward(x2 if redraw else xs, mask, h, a, *b)
+        ctx.redraw = redraw
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
         xs, mask, h, a, *b = ctx.saved_tensors
-        layers = ctx.layers
-        if ctx.rng is not None:  # xs is x: draw the forward's masks again
-            with rng_restored(ctx.rng, xs.device):
-                xs, mask = dropped(xs, len(layers), ctx.p)
+        layers, p = ctx.layers, ctx.p
+        site = layers[0].dropout_site
+        if ctx.redraw:  # xs is x: draw the forward's dropout again from the same seed and site
+            xs = seeded_draws(xs, len(layers), p, site)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dy_parts = dy2.split([t.shape[0] for t in b], dim=1)
         scales = [m.scaling for m in layers]
@@ -163,9 +177,12 @@ class LoRAProjection(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dy2 @ base_weights(layers, dy2.dtype, dy2.device)
             lora_dx = torch.bmm(dh, a)  # [n, rows, in]
-            if mask is not None:
-                lora_dx = lora_dx * mask / (1 - ctx.p)
-            dx += lora_dx.sum(0)
+            if ctx.redraw:
+                seeded_sum(lora_dx, p, site, out=dx)
+            elif mask is not None:
+                dx += (lora_dx * mask / (1 - p)).sum(0)
+            else:
+                dx += lora_dx.sum(0)
             dx = dx.view(*dy.shape[:-1], -1)
         return dx, None, *grads
 

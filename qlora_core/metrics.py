@@ -59,14 +59,15 @@ def target_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     kept, so the loss never holds more than one chunk of logits.
     """
     device = model.lm_head.weight.device
-    hidden = model.model(batch["input_ids"].to(device), batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"))
+    hidden = model.model(batch["input_ids"].to(device), batch.get("position_ids"), cu_seqlens=batch.get("cu_seqlens"),
+                         max_seqlen=batch.get("max_seqlen"))
     hidden = hidden.flatten(0, 1).index_select(0, batch["target_index"].to(device, non_blocking=True))
     labels = batch["target_ids"].to(device, non_blocking=True)
     rows = max(1, LOGITS_PER_CHUNK // model.lm_head.weight.shape[0])
     parts = []
     for h, y in zip(hidden.split(rows), labels.split(rows)):
         if torch.is_grad_enabled() and h.requires_grad:
-            parts.append(checkpoint(head_nll, model.lm_head, h, y, use_reentrant=False))
+            parts.append(checkpoint(head_nll, model.lm_head, h, y, use_reentrant=False, preserve_rng_state=False))
         else:
             parts.append(head_nll(model.lm_head, h, y))
     nll = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

@@ -5,6 +5,7 @@ key for key and LoRA adapters get peft's key names. Attention goes through
 `scaled_dot_product_attention`; decoding uses a preallocated KV cache written at tensor positions, so one
 decode step has a fixed shape that a CUDA graph can capture.
 """
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .kernels.dropout import seeded as seeded_dropout
 from .lora import project
 from .util import QLoRAError, rng_restored, rng_state
 
@@ -21,6 +23,11 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch before 2.10
     varlen_attn = None
+_VARLEN_ARGS = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
+VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+"""How the installed torch's varlen_attn is asked for causal attention (2.10 took is_causal, later window_size)."""
+VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS
+"""Whether it takes fewer key/value heads than query heads itself."""
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -130,6 +137,8 @@ class Packed:
 
     cu_seqlens: torch.Tensor
     max_len: int
+    single: bool = False
+    """One record alone: plain causal attention, with no variable-length bookkeeping."""
 
 
 def packed_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -175,11 +184,16 @@ def packed_attention(q, k, v, packed: Packed) -> torch.Tensor:
 
     q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]; returns [tokens, heads, head_dim].
     """
-    if k.shape[1] != q.shape[1]:
+    gqa = k.shape[1] != q.shape[1]
+    if gqa and (packed.single or not VARLEN_GQA):
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    if packed.single:
+        y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
+        return y.transpose(0, 1)
     cu = packed.cu_seqlens
-    return varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, window_size=(-1, 0))
+    gqa_arg = {"enable_gqa": True} if gqa and VARLEN_GQA else {}
+    return varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, **VARLEN_CAUSAL, **gqa_arg)
 
 
 class MLP(nn.Module):
@@ -221,7 +235,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, layer, mask, input_pos):
+    def forward(ctx, x, cos, sin, layer, mask, input_pos, anchor):
         ctx.layer, ctx.mask, ctx.input_pos = layer, mask, input_pos
         ctx.save_for_backward(cos, sin)
         ctx.rng = rng_state(x.device)
@@ -242,11 +256,23 @@ class OffloadedCheckpoint(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if grad.is_cuda:
             torch.cuda.current_stream(grad.device).wait_event(ctx.copied)
-        x = ctx.host.to(grad.device, non_blocking=True).requires_grad_()
+        x = ctx.host.to(grad.device, non_blocking=True).requires_grad_(ctx.needs_input_grad[0])
         with rng_restored(ctx.rng, grad.device), torch.enable_grad():
             y = ctx.layer(x, cos, sin, ctx.mask, ctx.input_pos)
         torch.autograd.backward(y, grad)
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None
+
+
+_grad_anchors: dict = {}
+
+
+def grad_anchor(device) -> torch.Tensor:
+    """An empty tensor that requires grad, given to OffloadedCheckpoint so that its output needs a backward even when
+    x needs no gradient (layer 0's input), and so no input gradient is computed for x. Not a parameter: DDP's hooks
+    never see it, and its gradient is None."""
+    if device not in _grad_anchors:
+        _grad_anchors[device] = torch.empty(0, device=device, requires_grad=True)
+    return _grad_anchors[device]
 
 
 class LlamaModel(nn.Module):
@@ -263,14 +289,16 @@ class LlamaModel(nn.Module):
         self.offload_activations = False
         """With gradient_checkpointing, keep the layer inputs in host memory (OffloadedCheckpoint)."""
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None,
+                max_seqlen=None):
         x = self.embed_tokens(input_ids)
         cache = self.layers[0].self_attn.kv_cache
         if cache is not None and input_pos is None:
             raise ValueError("a model with a KV cache needs input_pos, the cache slots of the new tokens")
         kv_len = cache.k.shape[2] if cache is not None else input_ids.shape[1]
-        lengths = cu_seqlens.diff() if cu_seqlens is not None else None
-        longest = int(lengths.max()) if lengths is not None else kv_len  # packed records attend within themselves
+        if cu_seqlens is not None and max_seqlen is None:
+            max_seqlen = int(cu_seqlens.diff().max())  # a device cu_seqlens comes with max_seqlen: no host sync
+        longest = max_seqlen or kv_len  # packed records attend within themselves
         if self.sliding_window is not None and longest > self.sliding_window:
             raise QLoRAError(f"{longest} positions (prompt and new tokens, or a training example) exceed the model's "
                              f"sliding_window of {self.sliding_window}; sliding-window attention is not implemented")
@@ -279,9 +307,9 @@ class LlamaModel(nn.Module):
             if input_ids.shape[0] != 1 or attention_mask is not None or input_pos is not None:
                 raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
             if position_ids is None:
-                position_ids = torch.cat([torch.arange(n, device=x.device) for n in lengths.tolist()])[None]
+                position_ids = torch.cat([torch.arange(n, device=x.device) for n in cu_seqlens.diff().tolist()])[None]
             if x.is_cuda and varlen_attn is not None and x.dtype in (torch.bfloat16, torch.float16):
-                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest)
+                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest, len(cu_seqlens) == 2)
             else:
                 mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])
         if input_pos is not None or attention_mask is not None:
@@ -291,12 +319,12 @@ class LlamaModel(nn.Module):
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), x.dtype)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        keep_rng = not seeded_dropout(x)  # seeded dropout draws the same masks again without the RNG's state
         for layer in self.layers:
             if recompute and self.offload_activations:
-                x = x if x.requires_grad else x.detach().requires_grad_()  # else the Function would have no backward
-                x = OffloadedCheckpoint.apply(x, cos, sin, layer, mask, input_pos)
+                x = OffloadedCheckpoint.apply(x, cos, sin, layer, mask, input_pos, grad_anchor(x.device))
             elif recompute:
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False, preserve_rng_state=keep_rng)
             else:
                 x = layer(x, cos, sin, mask, input_pos)
         return self.norm(x)
@@ -338,14 +366,16 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, input_pos=None, cu_seqlens=None,
+                max_seqlen=None):
         """Logits [batch, seq, vocab].
 
         attention_mask: [batch, seq] with 1 on real tokens (or [batch, cache_len] when decoding with a cache).
         input_pos: [seq] cache slots that these tokens fill; only with a cache from `setup_cache`.
         cu_seqlens: records packed end to end in one row (see Packed); positions restart at each record.
+        max_seqlen: at least the longest packed record; needed when cu_seqlens is on the GPU (else read from it).
         """
-        return self.lm_head(self.model(input_ids, position_ids, attention_mask, input_pos, cu_seqlens))
+        return self.lm_head(self.model(input_ids, position_ids, attention_mask, input_pos, cu_seqlens, max_seqlen))
 
     def setup_cache(self, batch: int, max_len: int):
         """Give every attention layer a preallocated KV cache of max_len slots."""

@@ -20,10 +20,12 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import IGNORE_INDEX, collate, collate_packed, length_grouped_batches, pack
+from .kernels import dropout
 from .lora import load_adapter, save_adapter
 from .memprofile import MemoryProfile
 from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
+from .step_graphs import StepGraphs
 from .util import QLoRAError, log
 
 
@@ -61,6 +63,8 @@ class TrainConfig:
     """A directory for a GPU memory profile of the run's second optimizer step (see memprofile.py)."""
     global_batch_size: int | None = None
     """Records per optimizer step over all processes; None means batch_size x grad_accum x the world size."""
+    cuda_graphs: bool | None = None
+    """Replay packed micro-batches from CUDA graphs (step_graphs.py); None means on for one process on CUDA."""
 
     def step_records(self, world: int = 1) -> int:
         """Records per optimizer step over all processes. Under torchrun each step covers the records of a
@@ -112,23 +116,33 @@ def example_targets(example: tuple[list[int], list[int]]) -> int:
     return sum(label != IGNORE_INDEX for label in example[1][1:])
 
 
-def auto_max_tokens(model) -> int:
-    """The default token budget of a packed micro-batch: activations of about 0.36 of the base's own storage.
+ACTIVATION_FLOOR = 2**30
+"""auto_max_tokens never budgets less than this for activations: a small model's micro-batches are sized to keep the
+GPU busy, not to its own few hundred MB of weights."""
 
-    With gradient checkpointing a token costs, by estimate, its bf16 hidden state at the input of every layer
-    (none when those are offloaded to host memory), plus the working set of the one layer being recomputed (about
-    8 hidden-sized and 4 intermediate-sized tensors). At the Llama-2-7B shape that gives about 3,300 tokens, so
-    the seed's steps of about 5,700 tokens go as two micro-batches, or, offloaded, about 8,900, so as one.
-    The budget stays between 2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense
-    masked matrix, whose cost grows with the square of the micro-batch. Measurements: benchmarks/README.md.
+
+def auto_max_tokens(model, offloaded: bool) -> int:
+    """The default token budget of a packed micro-batch: activations of about 0.36 of the base's own storage (at
+    least ACTIVATION_FLOOR).
+
+    A layer's working set is, by estimate, 8 hidden-sized and 4 intermediate-sized bf16 tensors a token. With
+    gradient checkpointing a token costs its hidden state at the input of every layer (none when those are
+    offloaded to host memory) plus the working set of the one layer being recomputed; without it, every layer's
+    working set. At the Llama-2-7B shape with checkpointing that gives about 3,300 tokens, so the seed's steps of
+    about 5,700 tokens go as two micro-batches, or, offloaded, about 8,900, so as one. The budget stays between
+    2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense masked matrix, whose cost
+    grows with the square of the micro-batch. Measurements: benchmarks/README.md.
     """
     if not model.lm_head.weight.is_cuda:
         return 1024
     cfg = model.config
-    kept = 0 if model.model.offload_activations else cfg.num_hidden_layers
-    per_token = 2 * (cfg.hidden_size * (kept + 8) + 4 * cfg.intermediate_size)
+    layer = 8 * cfg.hidden_size + 4 * cfg.intermediate_size
+    if model.model.gradient_checkpointing:
+        per_token = 2 * ((0 if offloaded else cfg.num_hidden_layers * cfg.hidden_size) + layer)
+    else:
+        per_token = 2 * cfg.num_hidden_layers * layer
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(min(max(0.36 * weights / per_token, 2048), 16384))
+    return int(min(max(max(0.36 * weights, ACTIVATION_FLOOR) / per_token, 2048), 16384))
 
 
 def micro_batches(examples, indices: list[int], max_tokens: int) -> list[dict]:
@@ -159,7 +173,7 @@ class LossSum(torch.nn.Module):
 
 
 def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: Path | None = None,
-                         n_targets: float | None = None, ddp=None) -> float:
+                         n_targets: float | None = None, ddp=None, graphs: StepGraphs | None = None) -> float:
     """Backward over micro-batches so the gradients equal those of one batch of all of them; returns its loss.
 
     Each micro-batch's summed loss is divided by the target tokens of the whole accumulated batch (n_targets;
@@ -168,15 +182,19 @@ def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: P
     step and n_targets counts the whole step's targets. DDP averages the ranks' gradients, so each loss is also
     multiplied by the world size: the sum over ranks is again the step's mean token loss. Only the last
     micro-batch's backward all-reduces; the others run under no_sync. The returned loss is summed over ranks.
-    A NaN or inf loss stops the run.
+    With graphs (one process on CUDA) each micro-batch they can take is replayed from a CUDA graph instead.
+    Before each micro-batch the LoRA dropout gets a new seed (kernels/dropout.py). A NaN or inf loss stops the run.
     """
     n_targets = max(n_targets or sum(target_count(b) for b in batches), 1)
     world = distributed.world_size() if ddp else 1
     total = 0.0
     for i, batch in enumerate(batches):
-        with ddp.no_sync() if ddp and i < len(batches) - 1 else contextlib.nullcontext():
-            loss = (ddp(batch) if ddp else loss_sum(model, batch)) / n_targets
-            (loss * world).backward()
+        dropout.reseed(model.lm_head.weight.device)
+        loss = graphs(batch, 1 / n_targets) if graphs else None
+        if loss is None:
+            with ddp.no_sync() if ddp and i < len(batches) - 1 else contextlib.nullcontext():
+                loss = (ddp(batch) if ddp else loss_sum(model, batch)) / n_targets
+                (loss * world).backward()
         total += loss.detach()
     if ddp:
         torch.distributed.all_reduce(total)
@@ -339,7 +357,14 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
     offload = cfg.offload_activations
     model.model.offload_activations = model.lm_head.weight.is_cuda if offload is None else offload
-    max_tokens = cfg.max_tokens or auto_max_tokens(model)
+    use_graphs = cfg.cuda_graphs
+    if use_graphs is None:
+        use_graphs = model.lm_head.weight.is_cuda and world == 1 and dropout.triton is not None
+    if use_graphs and (world > 1 or not model.lm_head.weight.is_cuda):
+        raise QLoRAError("--cuda-graphs needs CUDA and one process (DDP's gradient hooks are not captured)")
+    offloaded = model.model.offload_activations and not use_graphs
+    max_tokens = cfg.max_tokens or auto_max_tokens(model, offloaded)
+    graphs = StepGraphs(model, max_tokens) if use_graphs else None
 
     step, last_ckpt = 0, None
     found = checkpoint_dirs(out)
@@ -389,11 +414,12 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                 batches = micro_batches(train_examples, share or records[:1], max_tokens)
                 profile = cfg.memory_profile and main and step == first_step + 1 and model.lm_head.weight.is_cuda
                 with MemoryProfile(cfg.memory_profile, model, optimizer) if profile else contextlib.nullcontext():
-                    total = accumulate_gradients(model, batches, step + 1, last_ckpt, n_targets, ddp)
+                    total = accumulate_gradients(model, batches, step + 1, last_ckpt, n_targets, ddp, graphs)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
                     optimizer.step()
                 scheduler.step()
-                optimizer.zero_grad(set_to_none=ddp is None)  # DDP's gradients stay views into its buckets
+                # DDP's gradients stay views into its buckets, and the graphs add into the ones they captured
+                optimizer.zero_grad(set_to_none=ddp is None and graphs is None)
                 step += 1
                 stopping = distributed.all_ranks_agree(stop.signum is not None)
                 tokens = sum(lengths[i] for i in records)  # over all ranks

@@ -287,3 +287,107 @@ def test_offloaded_checkpoints_on_cuda_give_the_gradients_of_plain_checkpointing
     assert torch.equal(states[False], states[True])
     for g, ref in zip(grads[True], grads[False]):
         assert (g - ref).norm() <= 1e-3 * ref.norm()
+
+
+def test_seeded_dropout_draws_one_mask_per_seed_and_site():
+    """kernels/dropout.py: x * mask / (1 - p) with a 0/1 mask kept at rate 1 - p, the same for the same seed and
+    site, another for another site or seed; dropped_sum adds the masked gradients of the same masks."""
+    from qlora_core.kernels import dropout
+    x = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
+    dropout.reseed("cuda")
+    a, b = dropout.dropped(x, 2, 0.3, site=7), dropout.dropped(x, 2, 0.3, site=7)
+    assert torch.equal(a, b)
+    mask = dropout.dropped(torch.ones_like(x), 2, 0.3, site=7).float() * 0.7
+    assert torch.equal(mask.round(), mask.round().clamp(0, 1)) and ((mask - mask.round()).abs() < 1e-2).all()
+    mask = mask.round()
+    assert abs(mask.mean().item() - 0.7) < 0.01 and not torch.equal(mask[0], mask[1])
+    ref = (x.float() * mask / 0.7).to(torch.bfloat16)
+    assert (a.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+    assert not torch.equal(dropout.dropped(x, 1, 0.3, site=8)[0], a[0])
+    g = torch.randn(2, 300, 520, device="cuda", dtype=torch.bfloat16)
+    out = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
+    want = out.float() + (g.float() * mask / 0.7).sum(0)
+    dropout.dropped_sum(g, 0.3, 7, out)
+    assert (out.float() - want).norm() <= 1e-2 * want.norm()
+    dropout.reseed("cuda")
+    assert not torch.equal(dropout.dropped(x, 2, 0.3, site=7), a)
+
+
+def test_grouped_projection_on_cuda_draws_its_masks_again_in_backward():
+    """On CUDA the grouped LoRA projection keeps x alone and draws the seeded masks again in backward: outputs and
+    gradients of the dense formula with those masks (float32 reference)."""
+    from qlora_core.kernels import dropout
+    from qlora_core.lora import LoRALinear, project
+    torch.manual_seed(0)
+    layers = [LoRALinear(torch.nn.Linear(96, out, bias=False, device="cuda", dtype=torch.bfloat16), 4, 16, 0.3)
+              for out in (96, 32, 32)]
+    for m in layers:
+        torch.nn.init.normal_(m.lora_B.weight, 0, 0.1)
+    x = torch.randn(200, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dropout.reseed("cuda")
+    ys = project(x, *layers)
+    masks = dropout.dropped(torch.ones(200, 96, device="cuda", dtype=torch.bfloat16), 3, 0.3,
+                            layers[0].dropout_site).float() * 0.7
+    xr = x.detach().float().requires_grad_()
+    refs, leaves = [], []
+    for i, m in enumerate(layers):
+        A = m.lora_A.weight.detach().clone().requires_grad_()
+        B = m.lora_B.weight.detach().clone().requires_grad_()
+        leaves += [A, B]
+        refs.append(xr @ m.base_layer.weight.float().T + 4.0 * ((xr * masks[i].round() / 0.7) @ A.T @ B.T))
+    grads_out = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, grads_out)
+    torch.autograd.backward(refs, [g.float() for g in grads_out])
+    for y, ref in zip(ys, refs):
+        assert (y.float() - ref).norm() <= 2e-2 * ref.norm()
+    assert (x.grad.float() - xr.grad).norm() <= 2e-2 * xr.grad.norm()
+    for g, ref in zip([w.grad for m in layers for w in (m.lora_A.weight, m.lora_B.weight)], leaves):
+        assert (g - ref.grad).norm() <= 2e-2 * ref.grad.norm()
+
+
+def three_steps(model, examples, graphs_on: bool, seed: int, max_tokens: int = 128):
+    """Three optimizer steps over the same records, packed into micro-batches of max_tokens: each step's (loss,
+    grad norm) and the adapter after; the adapter starts from the same values each time."""
+    from qlora_core.optim import make_optimizer
+    from qlora_core.step_graphs import StepGraphs
+    from qlora_core.trainer import accumulate_gradients, micro_batches
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = getattr(model, "_start", None) or [p.detach().clone() for p in params]
+    model._start = start
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+            p.grad = None
+    torch.manual_seed(seed)
+    optimizer = make_optimizer(params, "paged_adamw_32bit", lr=1e-3)
+    graphs = StepGraphs(model, max_tokens) if graphs_on else None
+    rows = []
+    for _ in range(3):
+        batches = micro_batches(examples, list(range(len(examples))), max_tokens)
+        loss = accumulate_gradients(model, batches, graphs=graphs)
+        rows.append((loss, torch.nn.utils.clip_grad_norm_(params, 0.3).item()))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=graphs is None)
+    if graphs:
+        assert len(graphs.graphs) == len(batches), "not every micro-batch was captured"
+    return rows, torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start)])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_cuda_graph_steps_equal_the_eager_steps(tmp_path, dropout):
+    """Micro-batches replayed from CUDA graphs (padded shapes, layer inputs on the GPU) against the eager step
+    (offloaded checkpoints): each step's loss and grad norm, and the adapter's change after three steps, within
+    bf16 error and within a few times the eager step's own run-to-run spread."""
+    model, examples = nf4_lora_and_records(tmp_path, dropout=dropout)
+    model.train()
+    model.model.gradient_checkpointing = True
+    model.model.offload_activations = True
+    eager, eager_delta = three_steps(model, examples, graphs_on=False, seed=5)
+    again, again_delta = three_steps(model, examples, graphs_on=False, seed=5)
+    graphed, graphed_delta = three_steps(model, examples, graphs_on=True, seed=5)
+    spread = (again_delta - eager_delta).norm() / eager_delta.norm()
+    err = (graphed_delta - eager_delta).norm() / eager_delta.norm()
+    print(f"dropout {dropout}: eager {eager} graphed {graphed} spread {spread:.2e} err {err:.2e}")
+    for (loss, norm), (gl, gn) in zip(eager, graphed):
+        assert abs(gl - loss) <= 2e-3 * abs(loss) and abs(gn - norm) <= 2e-2 * norm
+    assert err <= max(3 * spread, 2e-2)

@@ -37,8 +37,18 @@ def launch(weight: torch.Tensor, state, out: torch.Tensor) -> torch.Tensor:
     n_bytes = weight.numel()
     grid = (triton.cdiv(n_bytes, BYTES_PER_PROGRAM),)
     nf4_dequant_kernel[grid](weight, state.absmax, state.state2.absmax, state.state2.code, state.code, out,
-                             float(state.offset), n_bytes, BYTES=BYTES_PER_PROGRAM)
+                             host_offset(state), n_bytes, BYTES=BYTES_PER_PROGRAM)
     return out
+
+
+def host_offset(state) -> float:
+    """The absmax offset of a double-quantized state as a Python float, read from the GPU once and kept on the state:
+    reading it at every launch was a host synchronisation per dequantization, and a CUDA graph captures none."""
+    cached = getattr(state, "host_offset", None)
+    if cached is None or cached[0] is not state.offset:
+        cached = (state.offset, float(state.offset))
+        state.host_offset = cached
+    return cached[1]
 
 
 def use_kernel(weight: torch.Tensor, state) -> bool:
