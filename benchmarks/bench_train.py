@@ -79,7 +79,7 @@ def load_ours(model_dir, device, args):
 
     model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
     add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
-    model.model.gradient_checkpointing = True
+    model.model.gradient_checkpointing = getattr(args, "gradient_checkpointing", True)
     model.model.offload_activations = args.offload_activations
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -414,6 +414,8 @@ def main():
     ap.add_argument("--global-batch-size", type=int,
                     help="records per step over all torchrun processes (default: batch-size x grad-accum each)")
     ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="ours recomputes each decoder layer in backward (the transformers rows always do)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="ours replays micro-batches from CUDA graphs, as train.py does on one GPU")
     ap.add_argument("--hf-warmup-steps", type=int, default=1,
