@@ -87,11 +87,12 @@ def load_ours(model_dir, device, args):
 
 
 def ours_graphs(model, args, device):
-    """(max_tokens, StepGraphs or None) as train() picks them: graphs on CUDA in one process unless --no-cuda-graphs."""
+    """(max_tokens, StepGraphs or None) as train() picks them, or as --cuda-graphs / --no-cuda-graphs ask."""
     from qlora_core.step_graphs import StepGraphs
-    from qlora_core.trainer import auto_max_tokens
+    from qlora_core.trainer import auto_max_tokens, graphs_pay
 
-    use = args.cuda_graphs and torch.device(device).type == "cuda" and distributed.world_size() == 1
+    use = torch.device(device).type == "cuda" and distributed.world_size() == 1 and (
+        args.cuda_graphs if args.cuda_graphs is not None else graphs_pay(model, 1))
     max_tokens = args.max_tokens or auto_max_tokens(model, offloaded=args.offload_activations and not use)
     return max_tokens, StepGraphs(model, max_tokens) if use else None
 
@@ -416,8 +417,8 @@ def main():
     ap.add_argument("--memory-profile", metavar="DIR", help="also write a memory profile of one step of ours")
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
                     help="ours recomputes each decoder layer in backward (the transformers rows always do)")
-    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                    help="ours replays micro-batches from CUDA graphs, as train.py does on one GPU")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="ours replays micro-batches from CUDA graphs (default: where train.py does, trainer.graphs_pay)")
     ap.add_argument("--hf-warmup-steps", type=int, default=1,
                     help="warm-up steps of the transformers rows (theirs reach their pace after one; ours take "
                          "--warmup-steps, enough to capture most of their graphs' shapes)")

@@ -145,6 +145,19 @@ def auto_max_tokens(model, offloaded: bool) -> int:
     return int(min(max(max(0.36 * weights, ACTIVATION_FLOOR) / per_token, 2048), 16384))
 
 
+def graphs_pay(model, world: int) -> bool:
+    """Whether CUDA graphs (step_graphs.py) are the default: in one process on CUDA, where keeping the layer inputs
+    on the GPU, as the graphs need, costs no tokens of the micro-batch budget that offloading would give.
+
+    Measured on an H200 (benchmarks/README.md): at SmolLM2-135M's shape the eager step is host-bound and graphs make
+    it 3x faster; at Llama-2-7B's the step is GPU-bound, and the eager step with offloaded inputs (one micro-batch
+    of 8,900 tokens) beat graphed micro-batches of 3,300 tokens, 0.74 s against 0.78 s a step.
+    """
+    if not model.lm_head.weight.is_cuda or world > 1 or dropout.triton is None:
+        return False
+    return auto_max_tokens(model, offloaded=False) == auto_max_tokens(model, offloaded=True)
+
+
 def micro_batches(examples, indices: list[int], max_tokens: int) -> list[dict]:
     """The examples of one optimizer step, packed without padding into micro-batches of at most max_tokens."""
     bins = pack([len(examples[i][0]) for i in indices], max_tokens)
@@ -359,7 +372,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.model.offload_activations = model.lm_head.weight.is_cuda if offload is None else offload
     use_graphs = cfg.cuda_graphs
     if use_graphs is None:
-        use_graphs = model.lm_head.weight.is_cuda and world == 1 and dropout.triton is not None
+        use_graphs = graphs_pay(model, world)
     if use_graphs and (world > 1 or not model.lm_head.weight.is_cuda):
         raise QLoRAError("--cuda-graphs needs CUDA and one process (DDP's gradient hooks are not captured)")
     offloaded = model.model.offload_activations and not use_graphs

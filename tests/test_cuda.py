@@ -414,5 +414,7 @@ def test_cuda_graph_steps_equal_the_eager_steps(tmp_path, dropout):
     err = (graphed_delta - eager_delta).norm() / eager_delta.norm()
     print(f"dropout {dropout}: eager {eager} graphed {graphed} spread {spread:.2e} err {err:.2e}")
     for (loss, norm), (gl, gn) in zip(eager, graphed):
-        assert abs(gl - loss) <= 2e-3 * abs(loss) and abs(gn - norm) <= 2e-2 * norm
-    assert err <= max(3 * spread, 2e-2)
+        assert abs(gl - loss) <= 1e-3 * abs(loss) and abs(gn - norm) <= 1e-2 * norm
+    # On an H200 the eager step repeated itself exactly, and padded shapes (other GEMM tilings in bf16) moved the
+    # three Adam updates by 4-5%: Adam turns the gradients' bf16 rounding into whole-sized updates where they are small
+    assert err <= max(3 * spread, 0.1)
