@@ -320,28 +320,6 @@ def main_adl(args):
     distributed.teardown()
 
 
-def attention_rows(seq_lens, heads: int, head_dim: int, device) -> list[dict]:
-    """Causal attention of one record, forward and backward, through flash's variable-length kernel and through
-    SDPA: which one qlora_core should take for a record alone."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    from qlora_core.model import VARLEN_CAUSAL
-    rows = []
-    for n in seq_lens:
-        q, k, v = (torch.randn(n, heads, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        cu = torch.tensor([0, n], dtype=torch.int32, device=device)
-        kernels = {"attn-varlen": lambda: varlen_attn(q, k, v, cu, cu, n, n, **VARLEN_CAUSAL),
-                   "attn-sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(
-                       q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True).transpose(0, 1)}
-        for impl, fn in kernels.items():
-            timing = measure(lambda: fn().sum().backward(), 2, 5, device)
-            rows.append({"impl": impl, "seq_len": n, "step_s": timing["median_s"],
-                         "tokens_per_s": n / timing["median_s"]})
-            log(f"{impl} {n}: {timing['median_s'] * 1e3:.1f} ms forward + backward")
-    return rows
-
-
 def main_long(args):
     """One record of each --seq-lens at the model's shape: forward, backward, clipping and the optimizer step."""
     from qlora_core.trainer import micro_batches
@@ -350,7 +328,7 @@ def main_long(args):
         args.impls = "ours,hf"
     impls, cfg, model_dir = setup(args, ("ours", "hf"))
     lengths = [int(n) for n in args.seq_lens.split(",")]
-    rows = attention_rows(lengths, cfg.num_attention_heads, cfg.head_dim, args.device) if args.device != "cpu" else []
+    rows = []
     gen = torch.Generator().manual_seed(0)
     for impl in impls:
         free_memory(args.device)

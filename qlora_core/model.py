@@ -137,8 +137,6 @@ class Packed:
 
     cu_seqlens: torch.Tensor
     max_len: int
-    single: bool = False
-    """One record alone: plain causal attention, with no variable-length bookkeeping."""
 
 
 def packed_mask(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -185,12 +183,9 @@ def packed_attention(q, k, v, packed: Packed) -> torch.Tensor:
     q [tokens, heads, head_dim], k and v [tokens, kv_heads, head_dim]; returns [tokens, heads, head_dim].
     """
     gqa = k.shape[1] != q.shape[1]
-    if gqa and (packed.single or not VARLEN_GQA):
+    if gqa and not VARLEN_GQA:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-    if packed.single:
-        y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True)
-        return y.transpose(0, 1)
     cu = packed.cu_seqlens
     gqa_arg = {"enable_gqa": True} if gqa and VARLEN_GQA else {}
     return varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, **VARLEN_CAUSAL, **gqa_arg)
@@ -309,7 +304,7 @@ class LlamaModel(nn.Module):
             if position_ids is None:
                 position_ids = torch.cat([torch.arange(n, device=x.device) for n in cu_seqlens.diff().tolist()])[None]
             if x.is_cuda and varlen_attn is not None and x.dtype in (torch.bfloat16, torch.float16):
-                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest, len(cu_seqlens) == 2)
+                mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest)
             else:
                 mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])
         if input_pos is not None or attention_mask is not None:
