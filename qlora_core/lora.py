@@ -42,16 +42,13 @@ class LoRAConfig:
     """Short names of the linear layers that get an adapter, in every decoder layer."""
 
 
-_dropout_sites = itertools.count()
-
-
 class LoRALinear(nn.Module):
     """A frozen linear layer (dense or 4-bit) plus a trainable low-rank update: base(x) + alpha/r * B A dropout(x).
 
     A and B are float32 master weights for the optimizer; the update is computed in the input's dtype.
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float = 0.0, dropout_site: int = 0):
         super().__init__()
         self.base_layer = base_layer
         device = base_layer.weight.device
@@ -59,8 +56,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(r, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
         self.lora_dropout = nn.Dropout(dropout)
         self.scaling = alpha / r
-        self.dropout_site = next(_dropout_sites)
-        """Which masks this layer's dropout draws on CUDA (kernels/dropout.py): distinct for every layer."""
+        self.dropout_site = dropout_site
+        """Which masks this layer's dropout draws on CUDA (kernels/dropout.py). add_lora numbers a model's layers in
+        module order, so the same model draws the same masks in any process, and a resumed run continues them."""
         self.merged = False
         """True while the update is folded into a dense base weight (see merge_lora)."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -219,10 +217,11 @@ def add_lora(model: nn.Module, r: int = 4, alpha: float = 16, dropout: float = 0
     if lora_layers(model):
         raise QLoRAError("the model already has LoRA layers")
     model.requires_grad_(False)
+    sites = itertools.count()
     for name, module in list(model.named_modules()):
         parent_name, _, child = name.rpartition(".")
         if child in names and isinstance(module, nn.Linear):  # bnb.nn.Linear4bit is an nn.Linear too
-            lora = LoRALinear(module, r, alpha, dropout).train(module.training)  # an eval model stays in eval
+            lora = LoRALinear(module, r, alpha, dropout, next(sites)).train(module.training)  # eval stays eval
             model.get_submodule(parent_name).register_module(child, lora)
     model.lora_config = LoRAConfig(r, alpha, dropout, names)
     return model

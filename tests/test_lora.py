@@ -255,6 +255,17 @@ def test_add_lora_wraps_projections_and_freezes_the_rest(tiny):
         add_lora(model)
 
 
+def test_add_lora_numbers_dropout_sites_in_module_order(tiny):
+    """Each LoRA layer of a model draws its own seeded dropout masks on CUDA (kernels/dropout.py), and a second
+    model of the same shape, built in the same process as a resumed run's is, draws the same ones."""
+    path, model = tiny
+    add_lora(model)
+    sites = [m.dropout_site for _, m in lora_layers(model)]
+    assert sites == list(range(len(sites)))
+    again = add_lora(load_model(path, compute_dtype=torch.float32, device="cpu"))
+    assert [m.dropout_site for _, m in lora_layers(again)] == sites
+
+
 def test_add_lora_targets(tiny):
     _, model = tiny
     add_lora(model, targets=["v_proj", "q_proj"])
