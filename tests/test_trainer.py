@@ -201,12 +201,18 @@ def test_training_loop_equals_transformers_trainer(tmp_path, monkeypatch, max_st
             assert (p - hf_weights[name]).abs().max() <= 1e-5, name
 
 
-def test_training_mode_survives_evaluation(tmp_path):
+def test_training_mode_survives_evaluation(tmp_path, monkeypatch):
     """LoRA dropout is on in every training forward, also after the evaluations (eval_loss and eval_fn)."""
+    import qlora_core.model as model_module
     model = lora_model(tmp_path / "m", dropout=0.1)
-    seen = []
-    dropout = model.model.layers[0].self_attn.q_proj.lora_dropout
-    dropout.register_forward_pre_hook(lambda m, _: seen.append(m.training) if torch.is_grad_enabled() else None)
+    seen, project = [], model_module.project
+
+    def spy(x, *layers):  # every projection goes through project(), which draws the dropout in training mode only
+        if torch.is_grad_enabled() and layers[0] is model.model.layers[0].self_attn.q_proj:
+            seen.append(layers[0].training)
+        return project(x, *layers)
+
+    monkeypatch.setattr(model_module, "project", spy)
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=3, batch_size=2, grad_accum=1, eval_every=1,
                       save_every=0, optim="adamw")
     train(model, random_examples(8), 0, cfg, eval_examples=random_examples(4),
