@@ -1,6 +1,7 @@
 """Small helpers shared by every module: the one logging function and the user-facing error type."""
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,19 @@ def rng_restored(state: tuple, device: torch.device):
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], device)
         yield
+
+
+KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+"""The start of what bitsandbytes logs at import, in every process, on CPUs with AVX512-BF16 when the optional
+`kernels` package is absent. It runs without it; the notice is nothing a user can act on, and it would be the
+first line of every one-line error."""
+
+
+def silence_kernels_notice() -> None:
+    """Drop that one notice of bitsandbytes' CPU backend, by its logger and text; every other warning still shows.
+    It must run before bitsandbytes is first imported, which logs it."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addFilter(lambda record: not record.getMessage().startswith(KERNELS_NOTICE))
 
 
 def log(msg: str) -> None:
