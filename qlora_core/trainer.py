@@ -207,19 +207,29 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def process_rng() -> dict:
-    """Every RNG state of this process, as a checkpoint holds them."""
+def adapter_device(model) -> torch.device:
+    """The device of the trainable parameters: where the run computes and draws its dropout masks."""
+    return next(p.device for p in model.parameters() if p.requires_grad)
+
+
+def process_rng(device: torch.device) -> dict:
+    """The RNG states this process draws from, as a checkpoint holds them: the CPU's, Python's and, on a GPU,
+    that of its own device only, so that a run resumes on a machine with fewer GPUs."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
-def set_process_rng(rng: dict) -> None:
+def set_process_rng(rng: dict, device: torch.device) -> None:
+    """Restore process_rng's states; the CUDA one onto this process's device, whichever GPU wrote it."""
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        cuda = rng["cuda"]
+        if isinstance(cuda, list):  # an older checkpoint: every visible GPU's state, this device's at its index
+            cuda = cuda[min(device.index, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def seed_rank(seed: int, step: int) -> None:
@@ -231,7 +241,7 @@ def seed_rank(seed: int, step: int) -> None:
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
     """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all."""
     final = output_dir / f"checkpoint-{step}"
-    rngs = distributed.gather(process_rng())
+    rngs = distributed.gather(process_rng(adapter_device(model)))
     if not distributed.is_main():
         return final
     tmp = output_dir / f".checkpoint-{step}.tmp"
@@ -269,15 +279,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
             raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
                              f"this run asks for {name}={ours!r}")
     load_adapter(model, path)
-    device = next(p.device for p in model.parameters() if p.requires_grad)  # the checkpoint's may be another
+    device = adapter_device(model)  # the checkpoint's may be another
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     ranks = [rng, *rng.get("other_ranks", [])]
     if len(ranks) == world:
-        set_process_rng(ranks[distributed.rank()])
+        set_process_rng(ranks[distributed.rank()], device)
     elif distributed.is_main():
-        set_process_rng(rng)
+        set_process_rng(rng, device)
         log(f"{path} was written by {len(ranks)} processes, this run has {world}: ranks after the first draw new "
             "dropout masks")
     else:

@@ -28,7 +28,7 @@ from qlora_core.metrics import perplexities
 from qlora_core.optim import linear_schedule, make_optimizer
 from qlora_core.tokenizer import load_tokenizer
 from qlora_core.trainer import (BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, micro_batches,
-                                train)
+                                process_rng, set_process_rng, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -388,6 +388,37 @@ def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypat
     train(lora_on(tmp_path / "m"), examples, 0, cfg, resume=True)
     resumed = adapter(tmp_path / "run")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def mock_gpus(monkeypatch, states: list) -> list:
+    """torch.cuda on the CPU as a machine with len(states) GPUs, whose RNG states are the list's items."""
+    def index(device) -> int:  # torch.cuda takes a device, a name or an index; the GPU of "cuda" is 0
+        return device if isinstance(device, int) else torch.device(device).index or 0
+
+    def set_state(state, device="cuda"):
+        states[index(device)] = state  # an IndexError for a GPU the machine lacks, as in torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(states))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[index(device)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda all_states: [set_state(s, i)
+                                                                             for i, s in enumerate(all_states)])
+    return states
+
+
+def test_cuda_rng_state_is_that_of_the_process_s_own_device(monkeypatch):
+    """The process on cuda:1 of a 2-GPU machine saves its RNG; a process on a 1-GPU machine restores it onto its
+    cuda:0 and touches no other GPU. An older checkpoint's list of every GPU's state restores the device's own."""
+    state = lambda n: torch.full((4,), n, dtype=torch.uint8)  # noqa: E731
+    mock_gpus(monkeypatch, [state(0), state(1)])
+    saved = process_rng(torch.device("cuda", 1))
+    one_gpu = mock_gpus(monkeypatch, [state(9)])
+    set_process_rng(saved, torch.device("cuda", 0))
+    assert len(one_gpu) == 1 and torch.equal(one_gpu[0], state(1))
+    set_process_rng({**saved, "cuda": [state(5), state(6)]}, torch.device("cuda", 0))
+    assert len(one_gpu) == 1 and torch.equal(one_gpu[0], state(5))
 
 
 @pytest.mark.parametrize("change, lora_change, name", [
