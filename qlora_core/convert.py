@@ -10,6 +10,7 @@ vocabularies, SentencePiece-style BPE for llama-style ones) and tokenizer_config
 template). The result equals what transformers' `from_pretrained(dir, gguf_file=...)` builds.
 """
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -281,6 +282,8 @@ def converted_dir(src: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint directory of a GGUF file, converted into the cache on first use.
 
     The cache entry is named by the file's name, size and modification time, so a changed file converts again.
+    A lock file lets one process at a time convert into it: the others (processes of nodes that share the cache,
+    or runs started together) wait and find it done.
     """
     src = Path(src).expanduser().resolve()
     if not src.is_file():
@@ -288,9 +291,12 @@ def converted_dir(src: str | Path, cache_dir: str | Path | None = None) -> Path:
     stat = src.stat()
     key = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_root(cache_dir) / "gguf" / f"{src.stem}-{key}"
-    if not (out / "model.safetensors").is_file():
-        log(f"converting {src} into {out} (once)")
-        convert(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            log(f"converting {src} into {out} (once)")
+            convert(src, out)
     return out
 
 

@@ -3,6 +3,8 @@ import json
 import struct
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +173,24 @@ def test_load_model_and_tokenizer_take_a_gguf_path_and_convert_once(tiny, tmp_pa
     ids = torch.tensor([[5, 17, 300, 2]])
     with torch.no_grad():
         assert torch.equal(model(ids), load_model(converted, compute_dtype=torch.float32, device="cpu")(ids))
+
+
+def test_processes_sharing_a_cache_convert_once(tiny, tmp_path, monkeypatch):
+    """Processes of several nodes with one shared cache (here threads, each with its own lock file handle) ask for
+    the same GGUF at once: one converts, the others wait for it and find it done."""
+    from qlora_core import convert as convert_module
+    calls = []
+
+    def slow_convert(src, out):
+        calls.append(src)
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(convert_module, "convert", slow_convert)
+    with ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(lambda _: converted_dir(tiny[0], tmp_path), range(3)))
+    assert len(calls) == 1 and len(set(dirs)) == 1
 
 
 def test_llama_sentencepiece_vocabulary_gives_transformers_ids(tmp_path):
