@@ -5,6 +5,7 @@ to continue along the same trajectory (adapter, optimizer, schedule, RNG states,
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from . import distributed
@@ -46,6 +48,8 @@ class TrainConfig:
     """Optimizer steps between evaluations (0: only at the start and the end)."""
     save_every: int = 50
     """Optimizer steps between checkpoints (0: only at the end)."""
+    save_total_limit: int | None = None
+    """Keep only the newest N complete checkpoints (None: all); older ones go once a newer one is complete."""
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
@@ -238,26 +242,57 @@ def seed_rank(seed: int, step: int) -> None:
     random.seed(hash((seed, step, distributed.rank())))
 
 
+SAVE_ERRORS = (OSError, SafetensorError)
+"""What a save raises when the disk is full or not writable (safetensors reports those as its own error)."""
+
+
+def save_error(written: Path, output_dir: Path, error: Exception) -> QLoRAError:
+    """The one-line error of a save that failed: what was being written, and which checkpoint holds the run."""
+    found = checkpoint_dirs(output_dir)
+    held = f"the last complete checkpoint is {found[-1]}: continue from it with --resume" if found else \
+        "no checkpoint was complete yet"
+    return QLoRAError(f"{written}: could not be saved ({error}); {held}")
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through memory, so that a full disk raises an OSError that says so (torch's own file writer
+    reports only a byte position)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
-    """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all."""
+    """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all.
+
+    A failed write removes the temporary directory and stops the run; with cfg.save_total_limit, older checkpoints
+    are deleted only once this one is complete.
+    """
     final = output_dir / f"checkpoint-{step}"
     rngs = distributed.gather(process_rng(adapter_device(model)))
     if not distributed.is_main():
         return final
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
-    world = len(rngs)
-    state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
-             "config": asdict(cfg), "lora": asdict(model.lora_config)}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp)
+        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_torch({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
+        world = len(rngs)
+        state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
+                 "config": asdict(cfg), "lora": asdict(model.lora_config)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except SAVE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(final, output_dir, e) from None
+    if cfg.save_total_limit:
+        for old in checkpoint_dirs(output_dir)[:-cfg.save_total_limit]:
+            shutil.rmtree(old)
     return final
 
 
@@ -421,7 +456,10 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         if stopped_by is None:
             evaluate()
             if main:
-                save_adapter(model, out)
+                try:
+                    save_adapter(model, out)
+                except SAVE_ERRORS as e:
+                    raise save_error(out, out, e) from None
     finally:
         bar.close()
         if metrics_file:
