@@ -82,5 +82,6 @@ def run_cli(main) -> None:
         main()
     except QLoRAError as e:
         rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))  # one line, whatever a file held
+        print(f"error: {message}" if rank == "0" else f"error (rank {rank}): {message}", file=sys.stderr)
         sys.exit(2)

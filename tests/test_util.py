@@ -1,4 +1,4 @@
-"""The shared helpers: bitsandbytes' kernels-community notice is silenced in every entry point, and only it."""
+"""The shared helpers: one-line errors, and bitsandbytes' kernels-community notice silenced in every entry point."""
 import logging
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from qlora_core.util import KERNELS_NOTICE
+from qlora_core.util import KERNELS_NOTICE, QLoRAError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTICE = (KERNELS_NOTICE + ": %s. Please make sure you already `pip install kernels` and the kernels >= 0.11.1",
@@ -50,3 +50,13 @@ def test_no_entry_point_shows_the_notice(entry):
     assert run.returncode == 0, run.stderr
     assert "importing bitsandbytes" in run.stdout, "the entry point never imported bitsandbytes"
     assert "kernels-community" not in run.stdout + run.stderr
+
+
+def test_an_error_is_one_line_whatever_the_file_held(capsys):
+    """A message that quotes a damaged file (a key name with a newline and a NUL byte) still prints as one line."""
+    def main():
+        raise QLoRAError("bad.gguf: metadata key llama.\nblock\x00count is missing")
+    with pytest.raises(SystemExit) as e:
+        run_cli(main)
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: bad.gguf: metadata key llama.\\nblock\\x00count is missing\n"
