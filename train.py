@@ -140,9 +140,9 @@ def main(argv=None):
                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup_ratio,
                       max_grad_norm=args.max_grad_norm, optim=args.optim, eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
-                      offload_activations=args.offload_activations, save_total_limit=args.save_total_limit,
+                      offload_activations=args.offload_activations,
                       max_tokens=args.max_tokens, memory_profile=args.memory_profile,
-                      global_batch_size=args.global_batch_size)
+                      global_batch_size=args.global_batch_size, save_total_limit=args.save_total_limit)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
     torch.manual_seed(args.seed)
