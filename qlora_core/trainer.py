@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import IGNORE_INDEX, collate, collate_packed, length_grouped_batches, pack
-from .lora import load_adapter, save_adapter
+from .lora import ADAPTER_WEIGHTS, load_adapter, save_adapter
 from .memprofile import MemoryProfile
 from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
@@ -459,7 +459,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                 try:
                     save_adapter(model, out)
                 except SAVE_ERRORS as e:
-                    raise save_error(out, out, e) from None
+                    raise save_error(out / ADAPTER_WEIGHTS, out, e) from None
     finally:
         bar.close()
         if metrics_file:

@@ -536,11 +536,10 @@ def cli_run(train_cli, capsys, out, *flags) -> tuple[int, str]:
     return status, capsys.readouterr().err
 
 
-def full_disk_at(step: int, write, error: Exception):
-    """The writer `write`, failing with `error` as on a full disk when it writes into checkpoint-STEP's temporary
-    directory."""
+def full_disk_at(place: str, write, error: Exception):
+    """The writer `write`, failing with `error` as on a full disk when it writes to a path that holds `place`."""
     def failing(*args, **kwargs):
-        if any(isinstance(a, (str, os.PathLike)) and f".checkpoint-{step}.tmp" in str(a) for a in args):
+        if any(isinstance(a, (str, os.PathLike)) and place in str(a) for a in args):
             raise error
         return write(*args, **kwargs)
     return failing
@@ -561,7 +560,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resume_continues(train_cli,
     --save-total-limit 1 it is deleted only once a newer one is complete); --resume continues from it."""
     out = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(owner, writer, full_disk_at(2, getattr(owner, writer), error))
+        m.setattr(owner, writer, full_disk_at(".checkpoint-2.tmp", getattr(owner, writer), error))
         status, err = cli_run(train_cli, capsys, out, "--save-total-limit", "1")
     errors = [line for line in err.splitlines() if "error" in line.lower()]
     assert status == 2 and "Traceback" not in err and len(errors) == 1, err
@@ -574,6 +573,16 @@ def test_a_full_disk_stops_the_run_with_one_line_and_resume_continues(train_cli,
     assert status == 0 and f"resumed from {out / 'checkpoint-1'} at step 1" in err, err
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_at_the_final_adapter_is_one_line(train_cli, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(lora_module, "save_file", full_disk_at(".run.tmp", lora_module.save_file,
+                                                               SafetensorError(ENOSPC_SAFETENSORS)))
+    status, err = cli_run(train_cli, capsys, out)
+    assert status == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: {out / 'adapter_model.safetensors'}: could not be saved " \
+        f"({ENOSPC_SAFETENSORS}); the last complete checkpoint is {out / 'checkpoint-3'}: continue from it with --resume"
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(train_cli, tmp_path, capsys):
