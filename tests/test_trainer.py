@@ -691,6 +691,7 @@ def test_hub_id_is_resolved_to_its_snapshot_before_the_tokenizer_is_read(tmp_pat
     (["--lora-targets", "q_proj,qkv"], "unknown LoRA target"),
     (["--max-source-len", "0"], "--max-source-len must be at least 1"),
     (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
     (["--template", "no field"], "--template has no {instruction} field"),
     (["--revision", "main"], "--revision needs --model"),
 ])
