@@ -85,10 +85,10 @@ def check_layout(data, path: Path) -> None:
         else:
             raise QLoRAError(f"{path}: {what} has an unknown value type {kind}; is the file damaged?")
 
-    if number("I", "the version") & 0xFFFF == 0:  # written on a big-endian machine, as gguf's reader sees it
-        order = ">"
-    pos = 4
     version = number("I", "the version")
+    if version & 0xFFFF == 0:  # a file written on a big-endian machine, as gguf's reader tells them apart
+        order, pos = ">", 4
+        version = number("I", "the version")
     if version not in (2, 3):
         raise QLoRAError(f"{path}: GGUF version {version} is not supported (2 or 3); is the file damaged?")
     n_tensors, n_keys = number("Q", "the tensor count"), number("Q", "the metadata key count")
@@ -177,8 +177,8 @@ def gguf_config(reader, path: Path) -> dict:
         "vocab_size": int(embd.shape[1]), "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"), "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads, "num_key_value_heads": need("attention.head_count_kv", heads),
-        "head_dim": head_dim, "rms_norm_eps": need("attention.layer_norm_rms_epsilon", kind=float),
-        "rope_theta": need("rope.freq_base", 10000.0, float),
+        "head_dim": head_dim, "rms_norm_eps": need("attention.layer_norm_rms_epsilon", kind=(int, float)),
+        "rope_theta": need("rope.freq_base", 10000.0, (int, float)),
         "max_position_embeddings": need("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": False,
@@ -189,7 +189,7 @@ def gguf_config(reader, path: Path) -> dict:
     }
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": need("rope.scaling.factor", kind=float)}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": need("rope.scaling.factor", kind=(int, float))}
     elif scaling != "none":
         raise QLoRAError(f"{path}: rope scaling {scaling!r} is not supported (none or linear)")
     return cfg
@@ -312,8 +312,8 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
         if unk is not None and unk not in range(len(tokens)):
             raise QLoRAError(f"{path}: metadata key tokenizer.ggml.unknown_token_id is {unk!r}, not one of the "
                              f"{len(tokens)} tokens; is the file damaged?")
-        tok = Tokenizer(bpe_model({t: i for i, t in enumerate(tokens)}, pairs, path, fuse_unk=True, byte_fallback=True,
-                                  unk_token=tokens[unk] if unk is not None else None))
+        tok = Tokenizer(bpe_model({t: i for i, t in enumerate(tokens)}, pairs, path, fuse_unk=True,
+                                  byte_fallback=True, unk_token=tokens[unk] if unk is not None else None))
         prefix = "first" if field(reader, "tokenizer.ggml.add_space_prefix", True) else "never"
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
         strip = [decoders.Strip(content=" ", left=1)] if prefix == "first" else []
