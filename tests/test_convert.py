@@ -297,21 +297,43 @@ def test_damaged_metadata_gives_one_error_line_or_a_clean_conversion(tiny, tmp_p
 @pytest.mark.parametrize("damage, message", [
     ("token", "metadata key tokenizer.ggml.tokens, item 300, is not valid UTF-8"),
     ("count", "metadata key tokenizer.ggml.token_type runs past the end of the file"),
+    ("type", "metadata key llama.embedding_length is 3.587324068671532e-43, not a positive integer"),
+    ("rows", "tensor blk.0.attn_k.weight has 110 rows, not a multiple of 2 x 2 heads"),
 ])
-def test_damaged_metadata_names_the_key(tiny, tmp_path, damage, message):
-    """A token that is not UTF-8, and an array length with a high byte set (gguf's reader then reads item after
-    item to the end of the file, and further): one error that names the key, at once."""
+def test_damage_names_the_key_or_tensor(tiny, tmp_path, damage, message):
+    """A token that is not UTF-8, an array length with a high byte set (gguf's reader then reads item after item
+    to the end of the file, and further), a size stored as a float, key rows that its heads do not divide."""
     path, _ = tiny
     data = bytearray(path.read_bytes())
     if damage == "token":
         token = field(read_gguf(path), "tokenizer.ggml.tokens")[300].encode()
         data[data.index(struct.pack("<Q", len(token)) + token) + 8] = 0xFF
-    else:
+    elif damage == "type":  # the value type after the key: uint32 (4) becomes float32 (6), of the same size
+        key = b"llama.embedding_length"
+        data[data.index(key) + len(key)] = 6
+    elif damage == "count":
         key = b"tokenizer.ggml.token_type"
         data[data.index(key) + len(key) + 4 + 4 + 7] = 1  # after the key: its type, the item type, then the length
+    else:  # the second dimension (the rows) stands just before the type
+        struct.pack_into("<Q", data, tensor_type_offset(data, "blk.0.attn_k.weight") - 8, 110)
     (tmp_path / "damaged.gguf").write_bytes(data)
     with pytest.raises(QLoRAError, match=re.escape(message)):
         convert(tmp_path / "damaged.gguf", tmp_path / "out")
+
+
+def test_unknown_token_id_outside_the_vocabulary_names_the_key(tmp_path):
+    path = tmp_path / "unk.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    w.add_unk_token_id(99)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(QLoRAError, match="metadata key tokenizer.ggml.unknown_token_id is 99, not one of the 4"):
+        gguf_tokenizer(read_gguf(path), path)
 
 
 @pytest.mark.parametrize("experts", ["metadata", "tensor"])
