@@ -106,7 +106,8 @@ def check_layout(data, path: Path) -> None:
 
 
 def read_gguf(path: str | Path):
-    """A `gguf.GGUFReader` over the file, with errors that name it (not GGUF, truncated, unknown tensor type)."""
+    """A `gguf.GGUFReader` over the file, with errors that name it (not GGUF, truncated, damaged: with the key or
+    tensor where one is known, unknown tensor type)."""
     try:
         from gguf import GGUFReader
     except ImportError:
