@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .data import IGNORE_INDEX, collate, collate_packed, length_grouped_batches, pack
-from .lora import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from .lora import load_adapter, save_adapter
 from .memprofile import MemoryProfile
 from .metrics import target_nll
 from .optim import linear_schedule, make_optimizer
@@ -246,7 +246,7 @@ SAVE_ERRORS = (OSError, SafetensorError)
 """What a save raises when the disk is full or not writable (safetensors reports those as its own error)."""
 
 
-def save_error(written: Path, output_dir: Path, error: Exception) -> QLoRAError:
+def save_error(written: Path | str, output_dir: Path, error: Exception) -> QLoRAError:
     """The one-line error of a save that failed: what was being written, and which checkpoint holds the run."""
     found = checkpoint_dirs(output_dir)
     held = f"the last complete checkpoint is {found[-1]}: continue from it with --resume" if found else \
@@ -459,7 +459,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                 try:
                     save_adapter(model, out)
                 except SAVE_ERRORS as e:
-                    raise save_error(out / ADAPTER_WEIGHTS, out, e) from None
+                    raise save_error(f"the adapter in {out}", out, e) from None
     finally:
         bar.close()
         if metrics_file:
