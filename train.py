@@ -76,6 +76,9 @@ def parse_args(argv=None):
                    help=f"steps between evaluations, 0 for only at the start and the end (default: {t.eval_every})")
     p.add_argument("--save-every", type=int, default=t.save_every,
                    help="steps between checkpoints in OUTPUT_DIR/checkpoint-STEP (default: %(default)s)")
+    p.add_argument("--save-total-limit", type=int, metavar="N",
+                   help="keep only the newest N checkpoints, deleting older ones once a newer one is complete "
+                   "(default: keep all)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
     p.add_argument("--seed", type=int, default=t.seed,
                    help="seed of LoRA init, dropout and data order (default: %(default)s)")
@@ -101,7 +104,7 @@ FLAG_RULES = [
     (("max_steps", "batch_size", "grad_accum", "lora_r", "max_len", "max_source_len", "max_target_len"),
      lambda v: v >= 1, "at least 1"),
     (("eval_every", "save_every"), lambda v: v >= 0, "at least 0"),
-    (("max_tokens", "global_batch_size"), lambda v: v is None or v >= 1, "at least 1"),
+    (("max_tokens", "global_batch_size", "save_total_limit"), lambda v: v is None or v >= 1, "at least 1"),
     (("lr", "max_grad_norm", "lora_alpha"), lambda v: v > 0, "positive"),
     (("warmup_ratio",), lambda v: 0 <= v <= 1, "between 0 and 1"),
     (("lora_dropout",), lambda v: 0 <= v < 1, "at least 0 and below 1"),
@@ -143,7 +146,7 @@ def main(argv=None):
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
                       offload_activations=args.offload_activations, cuda_graphs=args.cuda_graphs,
                       max_tokens=args.max_tokens, memory_profile=args.memory_profile,
-                      global_batch_size=args.global_batch_size)
+                      global_batch_size=args.global_batch_size, save_total_limit=args.save_total_limit)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
     torch.manual_seed(args.seed)

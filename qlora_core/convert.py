@@ -10,10 +10,13 @@ vocabularies, SentencePiece-style BPE for llama-style ones) and tokenizer_config
 template). The result equals what transformers' `from_pretrained(dir, gguf_file=...)` builds.
 """
 import argparse
+import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -38,10 +41,73 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 PRE_TOKENIZER_SPLITS = {"llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT,
                         "smaug-bpe": LLAMA3_SPLIT, "dbrx": LLAMA3_SPLIT}
 """tokenizer.ggml.pre values whose text split is not GPT-2's (the same table as transformers' GGUF loading)."""
+VALUE_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+"""The struct formats of GGUF's fixed-size metadata value types; type 8 is a string, 9 an array."""
+STRING, ARRAY, MAX_DIMS = 8, 9, 4
+
+
+def check_layout(data, path: Path) -> None:
+    """Walk a GGUF file's header, metadata and tensor list, checking every length against the file and every
+    string for UTF-8, so that damage gives an error that names the key or tensor. gguf's reader reads on past
+    the end, fails later without a name, or loops over a damaged array length for as long as the file is big."""
+    pos, order = 4, "<"
+
+    def take(n: int, what: str):
+        nonlocal pos
+        if pos + n > len(data):
+            raise QLoRAError(f"{path}: {what} runs past the end of the file; is it truncated or damaged?")
+        pos += n
+        return data[pos - n:pos]
+
+    def number(fmt: str, what: str):
+        return struct.unpack(order + fmt, take(struct.calcsize(fmt), what))[0]
+
+    def string(what: str) -> str:
+        try:
+            return take(number("Q", what), what).decode("utf-8")
+        except UnicodeDecodeError:
+            raise QLoRAError(f"{path}: {what} is not valid UTF-8; is the file damaged?") from None
+
+    def value(kind: int, what: str) -> None:
+        if kind == ARRAY:
+            item, count = number("I", what), number("Q", what)
+            if item in VALUE_FORMATS:
+                take(count * struct.calcsize(VALUE_FORMATS[item]), what)
+                return
+            if count * 8 > len(data) - pos:  # a string or an array takes at least 8 bytes
+                raise QLoRAError(f"{path}: {what} has {count} items, more than the file holds; is it damaged?")
+            for i in range(count):
+                value(item, f"{what}, item {i},")
+        elif kind == STRING:
+            string(what)
+        elif kind in VALUE_FORMATS:
+            take(struct.calcsize(VALUE_FORMATS[kind]), what)
+        else:
+            raise QLoRAError(f"{path}: {what} has an unknown value type {kind}; is the file damaged?")
+
+    version = number("I", "the version")
+    if version & 0xFFFF == 0:  # a file written on a big-endian machine, as gguf's reader tells them apart
+        order, pos = ">", 4
+        version = number("I", "the version")
+    if version not in (2, 3):
+        raise QLoRAError(f"{path}: GGUF version {version} is not supported (2 or 3); is the file damaged?")
+    n_tensors, n_keys = number("Q", "the tensor count"), number("Q", "the metadata key count")
+    key = "the header"
+    for i in range(n_keys):
+        key = string(f"the name of metadata key {i} (after {key})")
+        value(number("I", f"metadata key {key}"), f"metadata key {key}")
+    for i in range(n_tensors):
+        name = string(f"the name of tensor {i}")
+        n_dims = number("I", f"tensor {name}")
+        if n_dims > MAX_DIMS:
+            raise QLoRAError(f"{path}: tensor {name} has {n_dims} dimensions (at most {MAX_DIMS}); "
+                             "is the file damaged?")
+        take(8 * n_dims + 4 + 8, f"tensor {name}")  # the dimensions, the type and the data offset
 
 
 def read_gguf(path: str | Path):
-    """A `gguf.GGUFReader` over the file, with errors that name it (not GGUF, truncated, unknown tensor type)."""
+    """A `gguf.GGUFReader` over the file, with errors that name it (not GGUF, truncated, damaged: with the key or
+    tensor where one is known, unknown tensor type)."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -52,6 +118,8 @@ def read_gguf(path: str | Path):
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise QLoRAError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            check_layout(data, path)
     try:
         reader = GGUFReader(path)
     except ValueError as e:
@@ -80,19 +148,27 @@ def gguf_config(reader, path: Path) -> dict:
     if arch not in ARCHITECTURES:
         raise QLoRAError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
 
-    def need(key):
-        value = field(reader, f"{arch}.{key}")
+    def need(key, default=None, kind=int):
+        """arch.key, or default where the file lacks it (None: it must have it): a positive int, or number."""
+        value = field(reader, f"{arch}.{key}", default)
         if value is None:
             raise QLoRAError(f"{path}: metadata key {arch}.{key} is missing")
+        if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+            raise QLoRAError(f"{path}: metadata key {arch}.{key} is {value!r}, not a positive "
+                             f"{'integer' if kind is int else 'number'}; is the file damaged?")
         return value
 
     names = {t.name for t in reader.tensors}
+    experts = sorted(name for name in names if "_exps." in name)
+    if field(reader, f"{arch}.expert_count") or experts:
+        found = f"tensors such as {experts[0]}" if experts else f"{arch}.expert_count"
+        raise QLoRAError(f"{path}: a mixture of experts (Mixtral style: {found}) is not supported")
     if "rope_freqs.weight" in names:
         raise QLoRAError(f"{path}: this file scales RoPE per frequency (a rope_freqs tensor, Llama-3.1 style), "
                          "which the importer does not support yet")
     hidden, heads = need("embedding_length"), need("attention.head_count")
-    head_dim = field(reader, f"{arch}.attention.key_length", hidden // heads)
-    if field(reader, f"{arch}.rope.dimension_count", head_dim) != head_dim:
+    head_dim = need("attention.key_length", hidden // heads)
+    if need("rope.dimension_count", head_dim) != head_dim:
         raise QLoRAError(f"{path}: rotary embedding on part of each head is not supported")
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None:
@@ -101,10 +177,10 @@ def gguf_config(reader, path: Path) -> dict:
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
         "vocab_size": int(embd.shape[1]), "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"), "num_hidden_layers": need("block_count"),
-        "num_attention_heads": heads, "num_key_value_heads": field(reader, f"{arch}.attention.head_count_kv", heads),
-        "head_dim": head_dim, "rms_norm_eps": need("attention.layer_norm_rms_epsilon"),
-        "rope_theta": field(reader, f"{arch}.rope.freq_base", 10000.0),
-        "max_position_embeddings": field(reader, f"{arch}.context_length", 2048),
+        "num_attention_heads": heads, "num_key_value_heads": need("attention.head_count_kv", heads),
+        "head_dim": head_dim, "rms_norm_eps": need("attention.layer_norm_rms_epsilon", kind=(int, float)),
+        "rope_theta": need("rope.freq_base", 10000.0, (int, float)),
+        "max_position_embeddings": need("context_length", 2048),
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_q.bias" in names, "mlp_bias": False,
         "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
@@ -114,7 +190,7 @@ def gguf_config(reader, path: Path) -> dict:
     }
     scaling = field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": field(reader, f"{arch}.rope.scaling.factor")}
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": need("rope.scaling.factor", kind=(int, float))}
     elif scaling != "none":
         raise QLoRAError(f"{path}: rope scaling {scaling!r} is not supported (none or linear)")
     return cfg
@@ -159,10 +235,13 @@ def gguf_weights(reader, cfg: dict, path: Path) -> dict[str, torch.Tensor]:
             log(f"{path}: ignoring tensor {tensor.name}")
             continue
         w = dequantize(tensor, path)
-        if ".attn_q." in tensor.name:
-            w = unpermute_rotary(w, cfg["num_attention_heads"])
-        elif ".attn_k." in tensor.name:
-            w = unpermute_rotary(w, cfg["num_key_value_heads"])
+        heads = cfg["num_attention_heads"] if ".attn_q." in tensor.name else \
+            cfg["num_key_value_heads"] if ".attn_k." in tensor.name else None
+        if heads is not None:
+            if w.shape[0] % (2 * heads):
+                raise QLoRAError(f"{path}: tensor {tensor.name} has {w.shape[0]} rows, not a multiple of 2 x {heads} "
+                                 "heads; is the file damaged?")
+            w = unpermute_rotary(w, heads)
         weights[name] = w
     return weights
 
@@ -191,6 +270,19 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
     return [(m[4], m[5]) for m in merges]
 
 
+def bpe_model(vocab: dict[str, int], merges: list[tuple], path: Path, **options) -> models.BPE:
+    """tokenizers' BPE model of a vocabulary and its merges, with an error that names the keys when they do not fit."""
+    bad = next((m for m in merges if len(m) != 2), None)
+    if bad is not None:
+        raise QLoRAError(f"{path}: metadata key tokenizer.ggml.merges holds {' '.join(bad)!r}, not two tokens "
+                         "split by a space; is the file damaged?")
+    try:
+        return models.BPE(vocab, merges, **options)
+    except Exception as e:  # tokenizers raises a bare Exception, for a merge of tokens the vocabulary lacks
+        raise QLoRAError(f"{path}: metadata keys tokenizer.ggml.tokens and tokenizer.ggml.merges do not fit ({e}); "
+                         "is the file damaged?") from None
+
+
 def gguf_tokenizer(reader, path: Path) -> Tokenizer:
     """A `tokenizers` Tokenizer from the file's tokenizer.ggml.* metadata (gpt2 or llama vocabularies)."""
     kind = field(reader, "tokenizer.ggml.model")
@@ -204,7 +296,7 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
         spelled = set(alphabet.values())
         vocab = {t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")): i
                  for i, t in enumerate(tokens)}
-        tok = Tokenizer(models.BPE(vocab, [tuple(m.split(" ")) for m in merges or []], fuse_unk=False))
+        tok = Tokenizer(bpe_model(vocab, [tuple(m.split(" ")) for m in merges or []], path, fuse_unk=False))
         split = PRE_TOKENIZER_SPLITS.get(field(reader, "tokenizer.ggml.pre"))
         if split is None:
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -218,8 +310,11 @@ def gguf_tokenizer(reader, path: Path) -> Tokenizer:
         scores = field(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
         pairs = [tuple(m.split(" ")) for m in merges] if merges else sentencepiece_merges(tokens, scores)
         unk = field(reader, "tokenizer.ggml.unknown_token_id")
-        tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, pairs, fuse_unk=True, byte_fallback=True,
-                                   unk_token=tokens[unk] if unk is not None else None))
+        if unk is not None and unk not in range(len(tokens)):
+            raise QLoRAError(f"{path}: metadata key tokenizer.ggml.unknown_token_id is {unk!r}, not one of the "
+                             f"{len(tokens)} tokens; is the file damaged?")
+        tok = Tokenizer(bpe_model({t: i for i, t in enumerate(tokens)}, pairs, path, fuse_unk=True,
+                                  byte_fallback=True, unk_token=tokens[unk] if unk is not None else None))
         prefix = "first" if field(reader, "tokenizer.ggml.add_space_prefix", True) else "never"
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prefix, split=False)
         strip = [decoders.Strip(content=" ", left=1)] if prefix == "first" else []
@@ -281,6 +376,8 @@ def converted_dir(src: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The checkpoint directory of a GGUF file, converted into the cache on first use.
 
     The cache entry is named by the file's name, size and modification time, so a changed file converts again.
+    A lock file lets one process at a time convert into it: the others (processes of nodes that share the cache,
+    or runs started together) wait and find it done.
     """
     src = Path(src).expanduser().resolve()
     if not src.is_file():
@@ -288,9 +385,12 @@ def converted_dir(src: str | Path, cache_dir: str | Path | None = None) -> Path:
     stat = src.stat()
     key = hashlib.sha1(f"{src}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     out = cache_root(cache_dir) / "gguf" / f"{src.stem}-{key}"
-    if not (out / "model.safetensors").is_file():
-        log(f"converting {src} into {out} (once)")
-        convert(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "model.safetensors").is_file():
+            log(f"converting {src} into {out} (once)")
+            convert(src, out)
     return out
 
 

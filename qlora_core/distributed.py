@@ -23,6 +23,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
 
 
+def local_rank() -> int:
+    """This process's rank among those of its node (machine), from torchrun's LOCAL_RANK."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
 
@@ -43,7 +48,7 @@ def setup(device: str | None) -> str | None:
         if torch.device(device).index is not None:
             raise QLoRAError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; "
                              "give --device cuda, and choose GPUs with CUDA_VISIBLE_DEVICES")
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        local = local_rank()
         if local >= torch.cuda.device_count():
             raise QLoRAError(f"torchrun started local rank {local}, but this node has {torch.cuda.device_count()} "
                              "GPUs: lower --nproc_per_node")
@@ -60,11 +65,13 @@ def teardown() -> None:
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first (a download, a conversion into a cache), then the others, which find it done."""
-    if not is_main():
+    """The first process of each node runs the block first (a download, a conversion into that node's cache), then
+    the node's other processes, which find it done. Every process passes one barrier: the first ones after the block."""
+    first = local_rank() == 0
+    if not first:
         dist.barrier()
     yield
-    if is_main() and world_size() > 1:
+    if first and world_size() > 1:
         dist.barrier()
 
 

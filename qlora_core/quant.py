@@ -1,14 +1,8 @@
 """The frozen base in 4-bit NF4 with double quantization, stored and multiplied by bitsandbytes."""
-import logging
-
-# bitsandbytes warns at import on CPUs with AVX512-BF16 that an optional kernel package is absent; it runs
-# without it, and the warning would be the first line of every command-line error on such machines.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-import bitsandbytes as bnb  # noqa: E402
-import bitsandbytes.functional as bnbF  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from torch import nn
 
 BLOCKSIZE = 64
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -5,6 +5,7 @@ to continue along the same trajectory (adapter, optimizer, schedule, RNG states,
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
 import contextlib
+import io
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from tqdm import tqdm
 
 from . import distributed
@@ -48,6 +50,8 @@ class TrainConfig:
     """Optimizer steps between evaluations (0: only at the start and the end)."""
     save_every: int = 50
     """Optimizer steps between checkpoints (0: only at the end)."""
+    save_total_limit: int | None = None
+    """Keep only the newest N complete checkpoints (None: all); older ones go once a newer one is complete."""
     eval_batch_size: int = 8
     seed: int = 42
     group_by_length: bool = True
@@ -238,19 +242,29 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def process_rng() -> dict:
-    """Every RNG state of this process, as a checkpoint holds them."""
+def adapter_device(model) -> torch.device:
+    """The device of the trainable parameters: where the run computes and draws its dropout masks."""
+    return next(p.device for p in model.parameters() if p.requires_grad)
+
+
+def process_rng(device: torch.device) -> dict:
+    """The RNG states this process draws from, as a checkpoint holds them: the CPU's, Python's and, on a GPU,
+    that of its own device only, so that a run resumes on a machine with fewer GPUs."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
-def set_process_rng(rng: dict) -> None:
+def set_process_rng(rng: dict, device: torch.device) -> None:
+    """Restore process_rng's states; the CUDA one onto this process's device, whichever GPU wrote it."""
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        cuda = rng["cuda"]
+        if isinstance(cuda, list):  # an older checkpoint: every visible GPU's state, this device's at its index
+            cuda = cuda[min(device.index, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def seed_rank(seed: int, step: int) -> None:
@@ -259,26 +273,57 @@ def seed_rank(seed: int, step: int) -> None:
     random.seed(hash((seed, step, distributed.rank())))
 
 
+SAVE_ERRORS = (OSError, SafetensorError)
+"""What a save raises when the disk is full or not writable (safetensors reports those as its own error)."""
+
+
+def save_error(written: Path | str, output_dir: Path, error: Exception) -> QLoRAError:
+    """The one-line error of a save that failed: what was being written, and which checkpoint holds the run."""
+    found = checkpoint_dirs(output_dir)
+    held = f"the last complete checkpoint is {found[-1]}: continue from it with --resume" if found else \
+        "no checkpoint was complete yet"
+    return QLoRAError(f"{written}: could not be saved ({error}); {held}")
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save through memory, so that a full disk raises an OSError that says so (torch's own file writer
+    reports only a byte position)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())
+
+
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
-    """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all."""
+    """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all.
+
+    A failed write removes the temporary directory and stops the run; with cfg.save_total_limit, older checkpoints
+    are deleted only once this one is complete.
+    """
     final = output_dir / f"checkpoint-{step}"
-    rngs = distributed.gather(process_rng())
+    rngs = distributed.gather(process_rng(adapter_device(model)))
     if not distributed.is_main():
         return final
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
-    world = len(rngs)
-    state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
-             "config": asdict(cfg), "lora": asdict(model.lora_config)}
-    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(model, tmp)
+        save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
+        save_torch({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
+        world = len(rngs)
+        state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
+                 "config": asdict(cfg), "lora": asdict(model.lora_config)}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except SAVE_ERRORS as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(final, output_dir, e) from None
+    if cfg.save_total_limit:
+        for old in checkpoint_dirs(output_dir)[:-cfg.save_total_limit]:
+            shutil.rmtree(old)
     return final
 
 
@@ -300,15 +345,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
             raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
                              f"this run asks for {name}={ours!r}")
     load_adapter(model, path)
-    device = next(p.device for p in model.parameters() if p.requires_grad)  # the checkpoint's may be another
+    device = adapter_device(model)  # the checkpoint's may be another
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location=device, weights_only=True))
     rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)  # torch keeps RNG states on the CPU
     ranks = [rng, *rng.get("other_ranks", [])]
     if len(ranks) == world:
-        set_process_rng(ranks[distributed.rank()])
+        set_process_rng(ranks[distributed.rank()], device)
     elif distributed.is_main():
-        set_process_rng(rng)
+        set_process_rng(rng, device)
         log(f"{path} was written by {len(ranks)} processes, this run has {world}: ranks after the first draw new "
             "dropout masks")
     else:
@@ -450,7 +495,10 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         if stopped_by is None:
             evaluate()
             if main:
-                save_adapter(model, out)
+                try:
+                    save_adapter(model, out)
+                except SAVE_ERRORS as e:
+                    raise save_error(f"the adapter in {out}", out, e) from None
     finally:
         bar.close()
         if metrics_file:

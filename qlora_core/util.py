@@ -1,6 +1,7 @@
 """Small helpers shared by every module: the one logging function and the user-facing error type."""
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -56,6 +57,19 @@ def rng_restored(state: tuple, device: torch.device):
         yield
 
 
+KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+"""The start of what bitsandbytes logs at import, in every process, on CPUs with AVX512-BF16 when the optional
+`kernels` package is absent. It runs without it; the notice is nothing a user can act on, and it would be the
+first line of every one-line error."""
+
+
+def silence_kernels_notice() -> None:
+    """Drop that one notice of bitsandbytes' CPU backend, by its logger and text; every other warning still shows.
+    It must run before bitsandbytes is first imported, which logs it."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    logger.addFilter(lambda record: not record.getMessage().startswith(KERNELS_NOTICE))
+
+
 def log(msg: str) -> None:
     """Print a progress message to stderr, so that stdout stays free for results; under torchrun only rank 0 does."""
     if os.environ.get("RANK", "0") == "0":
@@ -68,5 +82,6 @@ def run_cli(main) -> None:
         main()
     except QLoRAError as e:
         rank = os.environ.get("RANK", "0")
-        print(f"error: {e}" if rank == "0" else f"error (rank {rank}): {e}", file=sys.stderr)
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(e))  # one line, whatever a file held
+        print(f"error: {message}" if rank == "0" else f"error (rank {rank}): {message}", file=sys.stderr)
         sys.exit(2)

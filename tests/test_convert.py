@@ -1,8 +1,11 @@
 """The GGUF importer against transformers' own GGUF loading: tiny files written here, and SmolLM2 when installed."""
 import json
+import re
 import struct
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from qlora_core import QLoRAError, load_model, load_tokenizer
-from qlora_core.convert import convert, converted_dir, gguf_tokenizer, read_gguf
+from qlora_core.convert import convert, converted_dir, field, gguf_tokenizer, read_gguf
+from qlora_core.convert import main as convert_main
 from qlora_core.data import DEFAULT_TRAIN, load_records
 from qlora_core.defaults import smollm2_gguf
+from qlora_core.util import run_cli
 
 gguf = pytest.importorskip("gguf", reason="the GGUF importer needs the gguf package (pip install gguf)")
 Q = gguf.GGMLQuantizationType
@@ -65,10 +70,13 @@ def encode(w: np.ndarray, qtype, rng: np.random.Generator) -> np.ndarray:
     return gguf.quants.quantize(w, qtype)
 
 
-def write_tiny_gguf(path: Path, tokens: list[str], merges: list[str], arch: str = "llama") -> None:
-    """A 2-layer llama with grouped-query attention, untied output, every tensor type and a gpt2-style vocabulary."""
+def write_tiny_gguf(path: Path, tokens: list[str], merges: list[str], arch: str = "llama", extra=None) -> None:
+    """A 2-layer llama with grouped-query attention, untied output, every tensor type and a gpt2-style vocabulary;
+    extra(writer), if given, adds to it."""
     rng = np.random.default_rng(0)
     w = gguf.GGUFWriter(str(path), arch)
+    if extra:
+        extra(w)
     w.add_block_count(2)
     w.add_context_length(512)
     w.add_embedding_length(HIDDEN)
@@ -173,6 +181,24 @@ def test_load_model_and_tokenizer_take_a_gguf_path_and_convert_once(tiny, tmp_pa
         assert torch.equal(model(ids), load_model(converted, compute_dtype=torch.float32, device="cpu")(ids))
 
 
+def test_processes_sharing_a_cache_convert_once(tiny, tmp_path, monkeypatch):
+    """Processes of several nodes with one shared cache (here threads, each with its own lock file handle) ask for
+    the same GGUF at once: one converts, the others wait for it and find it done."""
+    from qlora_core import convert as convert_module
+    calls = []
+
+    def slow_convert(src, out):
+        calls.append(src)
+        time.sleep(0.3)
+        out.mkdir(parents=True)
+        (out / "model.safetensors").write_bytes(b"")
+
+    monkeypatch.setattr(convert_module, "convert", slow_convert)
+    with ThreadPoolExecutor(3) as pool:
+        dirs = list(pool.map(lambda _: converted_dir(tiny[0], tmp_path), range(3)))
+    assert len(calls) == 1 and len(set(dirs)) == 1
+
+
 def test_llama_sentencepiece_vocabulary_gives_transformers_ids(tmp_path):
     """A llama-style (SentencePiece) vocabulary, here the shipped Chinese tokenizer.model, written as GGUF metadata."""
     sp = sentencepiece.SentencePieceProcessor(model_file=str(ROOT / "qlora_core/default_data/tokenizer.model"))
@@ -241,6 +267,91 @@ def test_unknown_tensor_type_truncation_and_other_architectures_are_clear_errors
     with pytest.raises(QLoRAError, match="architecture 'gpt2' is not supported"):
         convert(tmp_path / "gpt2.gguf", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_damaged_metadata_gives_one_error_line_or_a_clean_conversion(tiny, tmp_path, capsys):
+    """60 copies of the tiny file with 1 to 3 random bytes of its header, metadata or tensor list replaced (seeded):
+    each converts, or ends in one `error:` line and exit status 2 (no traceback), as the command line reports it."""
+    path, _ = tiny
+    data, end = path.read_bytes(), read_gguf(path).data_offset
+    rng = np.random.default_rng(0)
+    errors = 0
+    for case in range(60):
+        damaged = bytearray(data)
+        for at in rng.integers(0, end, rng.integers(1, 4)):
+            damaged[at] = rng.integers(0, 256)
+        src = tmp_path / f"damaged-{case}.gguf"
+        src.write_bytes(damaged)
+        capsys.readouterr()
+        try:
+            run_cli(lambda: convert_main([str(src), str(tmp_path / "out")]))
+        except SystemExit as e:
+            lines = capsys.readouterr().err.splitlines()
+            assert e.code == 2 and [line for line in lines if line.startswith("error:")] == lines[-1:], (case, lines)
+            assert lines[-1].startswith(f"error: {src}: "), (case, lines)
+            errors += 1
+        src.unlink()
+    assert errors >= 40, "most damage must be found"
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("token", "metadata key tokenizer.ggml.tokens, item 300, is not valid UTF-8"),
+    ("count", "metadata key tokenizer.ggml.token_type runs past the end of the file"),
+    ("type", "metadata key llama.embedding_length is 3.587324068671532e-43, not a positive integer"),
+    ("rows", "tensor blk.0.attn_k.weight has 110 rows, not a multiple of 2 x 2 heads"),
+])
+def test_damage_names_the_key_or_tensor(tiny, tmp_path, damage, message):
+    """A token that is not UTF-8, an array length with a high byte set (gguf's reader then reads item after item
+    to the end of the file, and further), a size stored as a float, key rows that its heads do not divide."""
+    path, _ = tiny
+    data = bytearray(path.read_bytes())
+    if damage == "token":
+        token = field(read_gguf(path), "tokenizer.ggml.tokens")[300].encode()
+        data[data.index(struct.pack("<Q", len(token)) + token) + 8] = 0xFF
+    elif damage == "type":  # the value type after the key: uint32 (4) becomes float32 (6), of the same size
+        key = b"llama.embedding_length"
+        data[data.index(key) + len(key)] = 6
+    elif damage == "count":
+        key = b"tokenizer.ggml.token_type"
+        data[data.index(key) + len(key) + 4 + 4 + 7] = 1  # after the key: its type, the item type, then the length
+    else:  # the second dimension (the rows) stands just before the type
+        struct.pack_into("<Q", data, tensor_type_offset(data, "blk.0.attn_k.weight") - 8, 110)
+    (tmp_path / "damaged.gguf").write_bytes(data)
+    with pytest.raises(QLoRAError, match=re.escape(message)):
+        convert(tmp_path / "damaged.gguf", tmp_path / "out")
+
+
+def test_unknown_token_id_outside_the_vocabulary_names_the_key(tmp_path):
+    path = tmp_path / "unk.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(["<unk>", "<s>", "</s>", "▁a"])
+    w.add_token_scores([0.0, 0.0, 0.0, -1.0])
+    w.add_unk_token_id(99)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(QLoRAError, match="metadata key tokenizer.ggml.unknown_token_id is 99, not one of the 4"):
+        gguf_tokenizer(read_gguf(path), path)
+
+
+@pytest.mark.parametrize("experts", ["metadata", "tensor"])
+def test_files_with_experts_are_refused_before_any_tensor_is_read(tmp_path, monkeypatch, experts):
+    """A Mixtral-style llama file (llama.expert_count, or ffn_*_exps tensors) is refused at once, not dequantized."""
+    from qlora_core import convert as convert_module
+
+    def add_experts(w):
+        if experts == "metadata":
+            w.add_expert_count(4)
+        else:
+            w.add_tensor("blk.0.ffn_gate_exps.weight", np.zeros((4, FFN, HIDDEN), dtype=np.float32))
+
+    write_tiny_gguf(tmp_path / "moe.gguf", *byte_level_vocab(), extra=add_experts)
+    monkeypatch.setattr(convert_module, "dequantize", lambda *a: pytest.fail("a tensor was read"))
+    found = "llama.expert_count" if experts == "metadata" else "tensors such as blk.0.ffn_gate_exps.weight"
+    with pytest.raises(QLoRAError, match=re.escape(f"a mixture of experts (Mixtral style: {found}")):
+        convert(tmp_path / "moe.gguf", tmp_path / "out")
 
 
 def test_command_line_converts_and_reports_errors_in_one_line(tiny, tmp_path):

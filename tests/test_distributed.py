@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from qlora_core.builtin import builtin_model_dir
 from qlora_core.data import DEFAULT_TRAIN
-from qlora_core.distributed import split_by_tokens
+from qlora_core.distributed import main_first, split_by_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +29,19 @@ def test_split_by_tokens_balances_tokens_and_keeps_every_record_once():
     assert max(tokens) - min(tokens) <= max(lengths[i] for i in records)
     assert split_by_tokens(records, lengths, 3) == shares, "every rank must compute the same split"
     assert split_by_tokens([7], lengths, 2) == [[7], []]
+
+
+@pytest.mark.parametrize("rank, local_rank", [(0, 0), (1, 1), (2, 0), (3, 1)])
+def test_the_first_process_of_each_node_runs_the_block_first(monkeypatch, rank, local_rank):
+    """Two nodes of two processes, each node with its own cache: the first process of each (local rank 0) converts
+    into it before the barrier, at which the node's other process waits."""
+    for name, value in (("WORLD_SIZE", 4), ("RANK", rank), ("LOCAL_RANK", local_rank)):
+        monkeypatch.setenv(name, str(value))
+    events = []
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: events.append("barrier"))
+    with main_first():
+        events.append("block")
+    assert events == (["block", "barrier"] if local_rank == 0 else ["barrier", "block"])
 
 
 def train(out: Path, procs: int, *flags, cache: Path, wait: bool = True):

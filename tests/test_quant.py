@@ -12,12 +12,19 @@ from qlora_core.quant import nf4_linear, storage_bytes
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch):
+    """bitsandbytes as on a CPU with AVX512-BF16, where Linear4bit repacks its weight for another kernel at the
+    first no-grad eval forward: the results must not depend on the CPU the tests run on."""
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+
+
 def bnb_round_trip(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     packed, state = bnbF.quantize_4bit(w.to(dtype), blocksize=64, compress_statistics=True, quant_type="nf4")
     return bnbF.dequantize_4bit(packed, state)
 
 
-def test_nf4_model_equals_dense_model_with_dequantized_projections(tmp_path):
+def test_nf4_model_equals_dense_model_with_dequantized_projections(tmp_path, avx512bf16_cpu):
     ref = write_checkpoint(tmp_path, num_key_value_heads=2)
     ours = load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32, device="cpu")
     ids = torch.randint(0, 128, (3, 21))
@@ -33,7 +40,7 @@ def test_nf4_model_equals_dense_model_with_dequantized_projections(tmp_path):
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
-def test_nf4_layout(tmp_path, compute_dtype):
+def test_nf4_layout(tmp_path, compute_dtype, avx512bf16_cpu):
     ref = write_checkpoint(tmp_path, attention_bias=True)
     model = load_model(tmp_path, quantize="nf4", compute_dtype=compute_dtype, device="cpu")
     with torch.no_grad():  # a CPU eval forward first: it must leave the 4-bit storage as it was

@@ -1,6 +1,7 @@
 """The training loop: gradient accumulation, loss masking, checkpoints and resume, bad data, learning."""
 import copy
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -15,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from conftest import fake_hub_cache, need_shared, script, write_checkpoint
 from test_metrics import ByteTokenizer
+import qlora_core.lora as lora_module
 import qlora_core.trainer as trainer_module
 from qlora_core import QLoRAError, load_model
 from qlora_core.builtin import builtin_model_dir
@@ -28,7 +31,8 @@ from qlora_core.metrics import perplexities
 from qlora_core.optim import linear_schedule, make_optimizer
 from qlora_core.tokenizer import load_tokenizer
 from qlora_core.trainer import (BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, micro_batches,
-                                train)
+                                process_rng, set_process_rng, train)
+from qlora_core.util import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -396,6 +400,37 @@ def test_resume_loads_a_checkpoint_written_on_another_device(tmp_path, monkeypat
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def mock_gpus(monkeypatch, states: list) -> list:
+    """torch.cuda on the CPU as a machine with len(states) GPUs, whose RNG states are the list's items."""
+    def index(device) -> int:  # torch.cuda takes a device, a name or an index; the GPU of "cuda" is 0
+        return device if isinstance(device, int) else torch.device(device).index or 0
+
+    def set_state(state, device="cuda"):
+        states[index(device)] = state  # an IndexError for a GPU the machine lacks, as in torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(states))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[index(device)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: list(states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda all_states: [set_state(s, i)
+                                                                             for i, s in enumerate(all_states)])
+    return states
+
+
+def test_cuda_rng_state_is_that_of_the_process_s_own_device(monkeypatch):
+    """The process on cuda:1 of a 2-GPU machine saves its RNG; a process on a 1-GPU machine restores it onto its
+    cuda:0 and touches no other GPU. An older checkpoint's list of every GPU's state restores the device's own."""
+    state = lambda n: torch.full((4,), n, dtype=torch.uint8)  # noqa: E731
+    mock_gpus(monkeypatch, [state(0), state(1)])
+    saved = process_rng(torch.device("cuda", 1))
+    one_gpu = mock_gpus(monkeypatch, [state(9)])
+    set_process_rng(saved, torch.device("cuda", 0))
+    assert len(one_gpu) == 1 and torch.equal(one_gpu[0], state(1))
+    set_process_rng({**saved, "cuda": [state(5), state(6)]}, torch.device("cuda", 0))
+    assert len(one_gpu) == 1 and torch.equal(one_gpu[0], state(5))
+
+
 @pytest.mark.parametrize("change, lora_change, name", [
     ({"max_grad_norm": 1.0}, {}, "max_grad_norm"),
     ({"grad_accum": 2}, {}, "records per step"),
@@ -491,6 +526,75 @@ def test_sigterm_then_resume_continues_exactly(tmp_path):
     assert rows(killed) == rows(straight)
     a, b = adapter(straight), adapter(killed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cli_run(train_cli, capsys, out, *flags) -> tuple[int, str]:
+    """train.py's command line run in this process (so a test can monkeypatch it): (exit status, stderr)."""
+    args = ["--output-dir", str(out), "--max-steps", "3", "--grad-accum", "1", "--save-every", "1", "--eval-every",
+            "0", "--dtype", "fp32", "--device", "cpu", "--train-file", str(DEFAULT_TRAIN),
+            "--model", str(builtin_model_dir(out.parent / "cache")), *flags]
+    capsys.readouterr()
+    try:
+        run_cli(lambda: train_cli.main(args))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def full_disk_at(place: str, write, error: Exception):
+    """The writer `write`, failing with `error` as on a full disk when it writes to a path that holds `place`."""
+    def failing(*args, **kwargs):
+        if any(isinstance(a, (str, os.PathLike)) and place in str(a) for a in args):
+            raise error
+        return write(*args, **kwargs)
+    return failing
+
+
+ENOSPC_SAFETENSORS = "Error while serializing: I/O error: No space left on device (os error 28)"
+"""How safetensors reports a full disk."""
+
+
+@pytest.mark.parametrize("owner, writer, error", [
+    (lora_module, "save_file", SafetensorError(ENOSPC_SAFETENSORS)),
+    (Path, "write_bytes", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))),
+], ids=["adapter", "optimizer"])
+def test_a_full_disk_stops_the_run_with_one_line_and_resume_continues(train_cli, tmp_path, capsys, monkeypatch,
+                                                                      owner, writer, error):
+    """A save that fails with ENOSPC, in the adapter's file or the optimizer's: one error line that names the
+    checkpoint and the last complete one, no temporary directory left, and that one intact (with
+    --save-total-limit 1 it is deleted only once a newer one is complete); --resume continues from it."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(owner, writer, full_disk_at(".checkpoint-2.tmp", getattr(owner, writer), error))
+        status, err = cli_run(train_cli, capsys, out, "--save-total-limit", "1")
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert status == 2 and "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith(f"error: {out / 'checkpoint-2'}: could not be saved (") and \
+        "No space left on device" in errors[0], errors[0]
+    assert errors[0].endswith(f"the last complete checkpoint is {out / 'checkpoint-1'}: continue from it with --resume")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    assert json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["step"] == 1
+    status, err = cli_run(train_cli, capsys, out, "--save-total-limit", "1", "--resume")
+    assert status == 0 and f"resumed from {out / 'checkpoint-1'} at step 1" in err, err
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_disk_at_the_final_adapter_is_one_line(train_cli, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(lora_module, "save_file", full_disk_at(".run.tmp", lora_module.save_file,
+                                                               SafetensorError(ENOSPC_SAFETENSORS)))
+    status, err = cli_run(train_cli, capsys, out)
+    assert status == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: the adapter in {out}: could not be saved " \
+        f"({ENOSPC_SAFETENSORS}); the last complete checkpoint is {out / 'checkpoint-3'}: continue from it with --resume"
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(train_cli, tmp_path, capsys):
+    status, err = cli_run(train_cli, capsys, tmp_path / "run", "--max-steps", "4", "--save-total-limit", "2")
+    assert status == 0, err
+    assert sorted(p.name for p in (tmp_path / "run").glob("*checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -593,6 +697,7 @@ def test_hub_id_is_resolved_to_its_snapshot_before_the_tokenizer_is_read(tmp_pat
     (["--lora-targets", "q_proj,qkv"], "unknown LoRA target"),
     (["--max-source-len", "0"], "--max-source-len must be at least 1"),
     (["--save-every", "-1"], "--save-every must be at least 0"),
+    (["--save-total-limit", "0"], "--save-total-limit must be at least 1"),
     (["--template", "no field"], "--template has no {instruction} field"),
     (["--revision", "main"], "--revision needs --model"),
 ])
