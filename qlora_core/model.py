@@ -23,11 +23,22 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch before 2.10
     varlen_attn = None
-_VARLEN_ARGS = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
-VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
-"""How the installed torch's varlen_attn is asked for causal attention (2.10 took is_causal, later window_size)."""
-VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS
-"""Whether it takes fewer key/value heads than query heads itself."""
+
+
+def varlen_args(fn) -> tuple[dict, bool]:
+    """(the keywords that ask fn, a varlen_attn, for causal attention; whether it takes fewer key/value heads than
+    query heads itself), by its signature: torch 2.10's took is_causal, later ones window_size and enable_gqa."""
+    params = inspect.signature(fn).parameters
+    return ({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}), "enable_gqa" in params
+
+
+VARLEN_CAUSAL, VARLEN_GQA = varlen_args(varlen_attn) if varlen_attn is not None else ({}, False)
+
+
+def varlen_packing(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether packed records attend through flash's variable-length kernel (CUDA, half precision, a torch that
+    has it); elsewhere they take a dense [tokens, tokens] mask, whose cost grows with the square of the tokens."""
+    return device.type == "cuda" and varlen_attn is not None and dtype in (torch.bfloat16, torch.float16)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -303,7 +314,7 @@ class LlamaModel(nn.Module):
                 raise ValueError("packed records (cu_seqlens) come as one row, without attention_mask or a cache")
             if position_ids is None:
                 position_ids = torch.cat([torch.arange(n, device=x.device) for n in cu_seqlens.diff().tolist()])[None]
-            if x.is_cuda and varlen_attn is not None and x.dtype in (torch.bfloat16, torch.float16):
+            if varlen_packing(x.device, x.dtype):
                 mask = Packed(cu_seqlens.to(x.device, torch.int32, non_blocking=True), longest)
             else:
                 mask = packed_mask(cu_seqlens.to(x.device), input_ids.shape[1])

@@ -26,6 +26,7 @@ from .kernels import dropout
 from .lora import load_adapter, save_adapter
 from .memprofile import MemoryProfile
 from .metrics import target_nll
+from .model import varlen_packing
 from .optim import linear_schedule, make_optimizer
 from .step_graphs import StepGraphs
 from .util import QLoRAError, log
@@ -133,20 +134,22 @@ def auto_max_tokens(model, offloaded: bool) -> int:
     gradient checkpointing a token costs its hidden state at the input of every layer (none when those are
     offloaded to host memory) plus the working set of the one layer being recomputed; without it, every layer's
     working set. At the Llama-2-7B shape with checkpointing that gives about 3,300 tokens, so the seed's steps of
-    about 5,700 tokens go as two micro-batches, or, offloaded, about 8,900, so as one. The budget stays between
-    2,048 and 16,384 tokens. On the CPU it is 1,024: there packed attention is a dense masked matrix, whose cost
-    grows with the square of the micro-batch. Measurements: benchmarks/README.md.
+    about 5,700 tokens go as two micro-batches, or, offloaded, about 8,900, so as one; without checkpointing, under 300.
+    The budget stays at most 16,384 tokens, and at least 2,048 with checkpointing (256 without). Where packed
+    attention is a dense masked matrix (the CPU; CUDA in float32 or without flash's variable-length kernel), whose
+    cost grows with the square of the micro-batch, it is 1,024. Measurements: benchmarks/README.md.
     """
-    if not model.lm_head.weight.is_cuda:
+    weight = model.lm_head.weight
+    if not varlen_packing(weight.device, weight.dtype):
         return 1024
     cfg = model.config
     layer = 8 * cfg.hidden_size + 4 * cfg.intermediate_size
     if model.model.gradient_checkpointing:
-        per_token = 2 * ((0 if offloaded else cfg.num_hidden_layers * cfg.hidden_size) + layer)
+        per_token, least = 2 * ((0 if offloaded else cfg.num_hidden_layers * cfg.hidden_size) + layer), 2048
     else:
-        per_token = 2 * cfg.num_hidden_layers * layer
+        per_token, least = 2 * cfg.num_hidden_layers * layer, 256
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return int(min(max(max(0.36 * weights, ACTIVATION_FLOOR) / per_token, 2048), 16384))
+    return int(min(max(max(0.36 * weights, ACTIVATION_FLOOR) / per_token, least), 16384))
 
 
 def graphs_pay(model, world: int) -> bool:

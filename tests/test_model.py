@@ -148,3 +148,31 @@ def test_sequences_longer_than_a_sliding_window_are_refused(tmp_path):
     ours(packed, cu_seqlens=torch.tensor([0, 10, 26], dtype=torch.int32))
     with pytest.raises(QLoRAError, match="sliding_window of 16"):
         ours(torch.randint(0, 128, (1, 27)), cu_seqlens=torch.tensor([0, 10, 27], dtype=torch.int32))
+
+
+def test_packed_attention_asks_varlen_attn_by_the_installed_signature(monkeypatch):
+    """torch 2.10's varlen_attn takes is_causal, later ones window_size and enable_gqa: each is called with the
+    keywords it has, and one without enable_gqa gets its key/value heads repeated (CPU stand-ins for the kernel)."""
+    import qlora_core.model as model_module
+    from qlora_core.model import Packed, packed_attention, varlen_args
+
+    def old(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False):
+        calls.append(("old", key.shape[1], is_causal))
+        return query
+
+    def new(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+        calls.append(("new", key.shape[1], window_size, enable_gqa))
+        return query
+
+    assert varlen_args(old) == ({"is_causal": True}, False)
+    assert varlen_args(new) == ({"window_size": (-1, 0)}, True)
+    q, kv = torch.randn(10, 4, 8), torch.randn(10, 2, 8)
+    packed = Packed(torch.tensor([0, 4, 10], dtype=torch.int32), 6)
+    calls = []
+    for fn in (old, new):
+        monkeypatch.setattr(model_module, "varlen_attn", fn)
+        causal, gqa = varlen_args(fn)
+        monkeypatch.setattr(model_module, "VARLEN_CAUSAL", causal)
+        monkeypatch.setattr(model_module, "VARLEN_GQA", gqa)
+        packed_attention(q, kv, kv, packed)
+    assert calls == [("old", 4, True), ("new", 2, (-1, 0), True)]

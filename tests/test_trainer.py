@@ -726,3 +726,28 @@ def test_bad_flag_is_one_line_without_a_traceback(tmp_path):
     result = run_train(tmp_path / "out", "--lr", "-1")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == ["error: --lr must be positive, got -1.0"]
+
+
+def budget_of(dtype, checkpointing: bool, offloaded: bool) -> int:
+    """auto_max_tokens of a Llama-2-7B-shaped NF4 model on a GPU, without a GPU: a stand-in with its config and its
+    3.9 GB of storage (meta tensors)."""
+    from types import SimpleNamespace
+    from qlora_core.config import PRESETS
+    weight = torch.empty(0, dtype=dtype, device="meta")
+    model = SimpleNamespace(lm_head=SimpleNamespace(weight=weight), config=PRESETS["llama-2-7b"],
+                            model=SimpleNamespace(gradient_checkpointing=checkpointing),
+                            parameters=lambda: [torch.empty(3_900_000_000, dtype=torch.uint8, device="meta")])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer_module, "varlen_packing", lambda device, d: d in (torch.bfloat16, torch.float16))
+        return trainer_module.auto_max_tokens(model, offloaded)
+
+
+def test_token_budget_counts_what_is_kept():
+    """Checkpointed and offloaded inputs cost nothing a layer, kept ones a hidden state each, and without
+    checkpointing every layer's working set stays: about 8,900, 3,300 and under 300 tokens at the 7B shape. Where
+    packed attention is a dense mask (float32 on CUDA) the budget is that of the CPU."""
+    offloaded = budget_of(torch.bfloat16, checkpointing=True, offloaded=True)
+    kept = budget_of(torch.bfloat16, checkpointing=True, offloaded=False)
+    everything = budget_of(torch.bfloat16, checkpointing=False, offloaded=True)
+    assert 8_000 < offloaded < 10_000 and 3_000 < kept < 3_600 and 256 <= everything < 300
+    assert budget_of(torch.float32, checkpointing=True, offloaded=True) == 1024
