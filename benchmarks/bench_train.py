@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
-                    measure, peak_gib, report, reset_peak, setup)
+from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy,
+                    load_source, log, measure, peak_gib, report, reset_peak, setup)
 
 from qlora_core import distributed  # after common, which puts the repo on sys.path
 from qlora_core.data import IGNORE_INDEX, collate
@@ -72,12 +72,11 @@ def make_batches(n: int, batch_size: int, seq_len: int, prompt_len: int, vocab: 
     return batches
 
 
-def load_ours(model_dir, device, args):
-    from qlora_core.checkpoint import load_model
+def load_ours(source, device, args):
     from qlora_core.lora import add_lora
     from qlora_core.optim import make_optimizer
 
-    model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
+    model = load_source(source, device)
     add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
     model.model.gradient_checkpointing = getattr(args, "gradient_checkpointing", True)
     model.model.offload_activations = args.offload_activations
@@ -295,8 +294,8 @@ def main_adl(args):
         impls, cfg = [i for i in args.impls.split(",") if i], ModelConfig.from_json(model_dir / "config.json")
         steps = real_steps(n, records, model_dir, args.data)
     else:
-        with distributed.main_first():  # one process writes the random checkpoint
-            impls, cfg, model_dir = setup(args, ADL_IMPLS)
+        with distributed.main_first():  # one process writes the random checkpoint, if one is needed
+            impls, cfg, model_dir = setup(args, ADL_IMPLS, ours_needs_checkpoint=False)
         steps = adl_steps(n, records, args.lengths, cfg.vocab_size)
     rows = []
     for impl in impls:
@@ -326,7 +325,7 @@ def main_long(args):
 
     if args.impls == ",".join(IMPLS):
         args.impls = "ours,hf"
-    impls, cfg, model_dir = setup(args, ("ours", "hf"))
+    impls, cfg, model_dir = setup(args, ("ours", "hf"), ours_needs_checkpoint=False)
     lengths = [int(n) for n in args.seq_lens.split(",")]
     rows = []
     gen = torch.Generator().manual_seed(0)

@@ -65,24 +65,90 @@ def base_parser(description: str, impls: tuple) -> argparse.ArgumentParser:
     return ap
 
 
-def setup(args, impls: tuple):
-    """(implementations asked for, model config, random checkpoint directory) from parsed base_parser flags."""
+def setup(args, impls: tuple, ours_needs_checkpoint: bool = True):
+    """(implementations asked for, model config, the model's source) from parsed base_parser flags.
+
+    The source is a random checkpoint directory, written unless it is already there, or, when only ours runs and
+    ours does not need one, the config itself: load_source then builds the random NF4 model on the device.
+    """
     chosen = [i for i in args.impls.split(",") if i]
     unknown = set(chosen) - set(impls)
     if unknown:
         raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(impls)})")
     cfg = model_config(args.preset, args.config_json, args.layers)
+    if not ours_needs_checkpoint and chosen == ["ours"]:
+        return chosen, cfg, cfg
     name = f"{args.preset if not args.config_json else 'config'}-{cfg.num_hidden_layers}l"
     return chosen, cfg, write_random_checkpoint(cfg, f"{args.workdir}/{name}")
 
 
+def load_source(source, device, dtype: torch.dtype = torch.bfloat16):
+    """Our NF4 model of a setup() source: load_model of a checkpoint directory, or random_nf4_model of a config."""
+    from qlora_core.checkpoint import load_model
+
+    if isinstance(source, ModelConfig):
+        return random_nf4_model(source, device, dtype)
+    return load_model(source, quantize="nf4", compute_dtype=dtype, device=device)
+
+
+def random_shards(cfg: ModelConfig, dtype: torch.dtype, seed: int, device):
+    """The weights of a random model as write_random_checkpoint's shards (the embeddings; each decoder layer; the
+    final norm and head), one shard at a time, drawn on `device` from a generator seeded with `seed`.
+
+    Matrices are normal(0, 0.02), norms 1, biases 0. The same config, dtype, seed and device give the same tensors,
+    so a model built from them (random_nf4_model) is the one load_model makes of the written checkpoint.
+    """
+    gen = torch.Generator(device).manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype)
+
+    with torch.device("meta"):
+        layer_shapes = {name: p.shape for name, p in DecoderLayer(cfg).named_parameters()}
+    yield {"model.embed_tokens.weight": rand(cfg.vocab_size, cfg.hidden_size)}
+    for i in range(cfg.num_hidden_layers):
+        tensors = {}
+        for name, shape in layer_shapes.items():
+            if name.endswith("layernorm.weight"):
+                t = torch.ones(shape, dtype=dtype, device=device)
+            elif name.endswith(".bias"):
+                t = torch.zeros(shape, dtype=dtype, device=device)
+            else:
+                t = rand(*shape)
+            tensors[f"model.layers.{i}.{name}"] = t
+        yield tensors
+    last = {"model.norm.weight": torch.ones(cfg.hidden_size, dtype=dtype, device=device)}
+    if not cfg.tie_word_embeddings:
+        last["lm_head.weight"] = rand(cfg.vocab_size, cfg.hidden_size)
+    yield last
+
+
+def random_nf4_model(cfg: ModelConfig, device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """Our model as load_model(quantize="nf4", compute_dtype=dtype) makes it of write_random_checkpoint's checkpoint
+    with the same config, dtype and seed, built on the device with no checkpoint at all: a tensor at a time, each
+    projection drawn there, quantized to NF4 with double quantization as load_model does, and its bf16 copy freed.
+    For shapes whose checkpoint no disk here holds (Llama-2-70B's is 140 GB)."""
+    from qlora_core.checkpoint import set_weight
+    from qlora_core.model import LlamaForCausalLM, rope_inv_freq
+
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    for shard in random_shards(cfg, dtype, seed, device):
+        for key, tensor in shard.items():
+            set_weight(model, key, tensor, "nf4", dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.name_or_path = "random"
+    return model.eval()
+
+
 def write_random_checkpoint(cfg: str | ModelConfig, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                             num_layers: int | None = None, seed: int = 0) -> Path:
-    """Write a Hugging Face-layout checkpoint of random weights: config.json and one safetensors shard a layer.
-
-    Matrices are normal(0, 0.02), norms 1, biases 0. One layer is in host memory at a time, drawn on the GPU when
-    there is one (fast) with a seeded generator. A complete checkpoint of the same config, dtype and seed is reused.
-    """
+    """Write a Hugging Face-layout checkpoint of random weights (random_shards, drawn on the GPU when there is one):
+    config.json and one safetensors shard a layer, one layer in host memory at a time. A complete checkpoint of the
+    same config, dtype and seed is reused."""
     from safetensors.torch import save_file
 
     cfg = model_config(cfg, num_layers=num_layers) if isinstance(cfg, str) else cfg
@@ -98,42 +164,15 @@ def write_random_checkpoint(cfg: str | ModelConfig, out_dir: str | Path, dtype: 
     done.unlink(missing_ok=True)
     for old in out.glob("model*.safetensors*"):
         old.unlink()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device).manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype).cpu()
-
-    with torch.device("meta"):
-        layer_shapes = {name: p.shape for name, p in DecoderLayer(cfg).named_parameters()}
     n_shards = cfg.num_hidden_layers + 2
-    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map, total = {}, 0
-
-    def write(i: int, tensors: dict):
-        nonlocal total
-        name = shard_name(i + 1, n_shards)
-        save_file(tensors, out / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, name))
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-
     t0 = time.perf_counter()
-    write(0, {"model.embed_tokens.weight": rand(cfg.vocab_size, cfg.hidden_size)})
-    for i in range(cfg.num_hidden_layers):
-        tensors = {}
-        for name, shape in layer_shapes.items():
-            if name.endswith("layernorm.weight"):
-                t = torch.ones(shape, dtype=dtype)
-            elif name.endswith(".bias"):
-                t = torch.zeros(shape, dtype=dtype)
-            else:
-                t = rand(*shape)
-            tensors[f"model.layers.{i}.{name}"] = t
-        write(i + 1, tensors)
-    last = {"model.norm.weight": torch.ones(cfg.hidden_size, dtype=dtype)}
-    if not cfg.tie_word_embeddings:
-        last["lm_head.weight"] = rand(cfg.vocab_size, cfg.hidden_size)
-    write(n_shards - 1, last)
+    draw_on = "cuda" if torch.cuda.is_available() else "cpu"
+    for i, shard in enumerate(random_shards(cfg, dtype, seed, draw_on)):
+        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: t.cpu() for k, t in shard.items()}, out / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+        total += sum(t.numel() * t.element_size() for t in shard.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "torch_dtype": str(dtype).split(".")[-1]},
@@ -303,7 +342,8 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
 def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark: str, **settings) -> None:
     """Print the table, write the JSON (to --out or WORKDIR/bench_<benchmark>.json), exit 1 if a row failed."""
     print_table(rows, columns)
-    settings = dict(vars(args), model=Path(model_dir).name, num_layers=cfg.num_hidden_layers, **settings)
+    name = "random NF4, no checkpoint" if isinstance(model_dir, ModelConfig) else Path(model_dir).name
+    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers, **settings)
     write_json(args.out or f"{args.workdir}/bench_{benchmark}.json", rows, args.device, benchmark=benchmark,
                settings=settings, config=cfg.to_dict())
     if any("error" in r for r in rows):
