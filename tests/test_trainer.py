@@ -751,3 +751,13 @@ def test_token_budget_counts_what_is_kept():
     everything = budget_of(torch.bfloat16, checkpointing=False, offloaded=True)
     assert 8_000 < offloaded < 10_000 and 3_000 < kept < 3_600 and 256 <= everything < 300
     assert budget_of(torch.float32, checkpointing=True, offloaded=True) == 1024
+
+
+def test_cuda_graphs_where_they_cannot_run_is_a_clear_error(tmp_path):
+    """--cuda-graphs on the CPU is refused before any step; by default the CPU trains eagerly."""
+    model = lora_model(tmp_path / "m")
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=1, batch_size=2, grad_accum=1, save_every=0,
+                      optim="adamw", cuda_graphs=True)
+    with pytest.raises(QLoRAError, match="--cuda-graphs needs CUDA"):
+        train(model, random_examples(4), 0, cfg)
+    assert not trainer_module.graphs_pay(model, world=1)
