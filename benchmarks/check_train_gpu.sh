@@ -7,9 +7,11 @@
 # weights, ours with and without CUDA graphs ($OUT/smol.json). seed: the seed's job at Llama-2-7B's shape, ours,
 # hf-seed and hf-best ($OUT/seed_job.json). long: one 7B record of 8k, 32k and 64k tokens, ours and hf, and the two
 # attention kernels alone ($OUT/long_seq.json). real: the real SmolLM2-135M GGUF ($GGUF) on ADL's train.json
-# ($OUT/real_model_job.json). Needs .bench/ (carry it): train_llama2_lengths.json and, for real, train.json; and
+# ($OUT/real_model_job.json). 70b: the seed's job at Llama-2-70B's shape, ours alone on a random NF4 base built on the
+# GPU (no checkpoint), with a memory profile ($OUT/scale_70b.json, $OUT/memory_70b/); 13b: ours, hf-seed and hf-best
+# at Llama-2-13B's shape from a written checkpoint ($OUT/scale_13b.json). Needs .bench/ (carry it): train_llama2_lengths.json and, for real, train.json; and
 # .whl/ (bitsandbytes). Settings: BUDGET (580 s for the call), WORKDIR, PYTHON, SEED_ARGS / SMOL_ARGS / LONG_ARGS /
-# REAL_ARGS (more flags for bench_train.py).
+# REAL_ARGS / SCALE_ARGS (more flags for bench_train.py).
 BUDGET=${BUDGET:-580}
 . "$(dirname "$0")/gpu_setup.sh"
 stages=("$@")
@@ -34,7 +36,11 @@ for stage in "${stages[@]}"; do
     long) cmd=("$PYTHON" -u $B --workload long --preset llama-2-7b --steps 2 --out "$OUT/long_seq.json" ${LONG_ARGS:-}) ;;
     real) cmd=("$PYTHON" -u $B --workload adl --model "${GGUF:?set GGUF}" --data .bench/train.json --warmup-steps 4
                --steps 10 --out "$OUT/real_model_job.json" ${REAL_ARGS:-}) ;;
-    *) echo "unknown stage $stage (tests, smol, seed, long, real)"; exit 2 ;;
+    70b) cmd=("$PYTHON" -u $B --workload adl --preset llama-2-70b --impls ours --warmup-steps 2 --steps 3
+              --memory-profile "$OUT/memory_70b" --out "$OUT/scale_70b.json" ${SCALE_ARGS:-}) ;;
+    13b) cmd=("$PYTHON" -u $B --workload adl --preset llama-2-13b --warmup-steps 3 --steps 3
+              --out "$OUT/scale_13b.json" ${SCALE_ARGS:-}) ;;
+    *) echo "unknown stage $stage (tests, smol, seed, long, real, 70b, 13b)"; exit 2 ;;
   esac
   timeout "$left" "${cmd[@]}" 2>&1 | tee -a "$OUT/log.txt" || status=1
   [ "$stage" = tests ] && grep -E "passed|failed" "$OUT/log.txt" | tail -1 > "$OUT/pytest.txt"
