@@ -57,14 +57,15 @@ def tiny_config(**overrides):
     return LlamaConfig(**kw)
 
 
-def write_checkpoint(path: Path, max_shard_size=None, safe_serialization=True, **overrides):
-    """Save a random-weight transformers LlamaForCausalLM to path; returns the float32 model in eval mode."""
+def write_checkpoint(path: Path, max_shard_size=None, safe_serialization=True, std=0.1, **overrides):
+    """Save a random-weight transformers LlamaForCausalLM (matrices drawn with standard deviation std) to path;
+    returns the float32 model in eval mode."""
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM(tiny_config(**overrides)).float().eval()
     with torch.no_grad():  # transformers' init gives tiny logits; wider weights make differences visible
         for p in model.parameters():
             if p.dim() == 2:
-                p.normal_(0, 0.1)
+                p.normal_(0, std)
             else:
                 p.uniform_(0.5, 1.5)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}

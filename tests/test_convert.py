@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import sentencepiece
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from qlora_core import QLoRAError, load_model, load_tokenizer
 from qlora_core.convert import convert, converted_dir, field, gguf_tokenizer, read_gguf
@@ -39,15 +39,21 @@ K_QUANT_HALF_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K
 HIDDEN, FFN, HEADS, KV_HEADS = 256, 512, 4, 2
 
 
-def byte_level_vocab() -> tuple[list[str], list[str]]:
-    """(tokens, merges) of a small byte-level BPE trained on English and the shipped Chinese sample."""
+def byte_level_tokenizer() -> Tokenizer:
+    """A small byte-level BPE trained on English and the shipped Chinese sample, with three special tokens."""
     text = [r[f] for r in load_records(DEFAULT_TRAIN)[:200] for f in ("instruction", "output")] + TEXTS[:1] * 20
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    model = json.loads(tok.to_str())["model"]
+    return tok
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """(tokens, merges) of byte_level_tokenizer."""
+    model = json.loads(byte_level_tokenizer().to_str())["model"]
     tokens = sorted(model["vocab"], key=model["vocab"].get)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     return tokens, merges
