@@ -35,10 +35,11 @@ def sentencepiece_base(path: Path) -> Path:
 
 
 def byte_level_base(path: Path) -> Path:
-    """A tiny random checkpoint, embeddings a little longer than its byte-level BPE tokenizer.json, and untied."""
+    """A tiny random checkpoint with heads wider than hidden size / heads, embeddings a little longer than its
+    byte-level BPE tokenizer.json, and untied."""
     tok = byte_level_tokenizer()
-    write_checkpoint(path, vocab_size=tok.get_vocab_size() + 4, num_key_value_heads=1, std=0.03, bos_token_id=0,
-                     eos_token_id=2, pad_token_id=None)
+    write_checkpoint(path, vocab_size=tok.get_vocab_size() + 4, num_key_value_heads=1, head_dim=32, std=0.03,
+                     bos_token_id=0, eos_token_id=2, pad_token_id=None)
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": TEMPLATE}))
     return path
@@ -125,6 +126,21 @@ def test_q8_0_export_is_close_to_the_merged_model(tmp_path):
     merge_lora(model)
     expected = logits(model, ids)
     assert relative_error(logits(transformers_gguf(out)[0], ids), expected) <= 2e-2
+
+
+def test_linear_rope_scaling_round_trips_through_our_importer(tmp_path):
+    """transformers' GGUF loading ignores llama.rope.scaling.*; our importer and llama.cpp read it."""
+    base = sentencepiece_base(tmp_path / "base")
+    config = json.loads((base / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear", "factor": 4.0}
+    (base / "config.json").write_text(json.dumps(config))
+    model = tuned(base)
+    out = export_gguf(model, tmp_path / "tuned.gguf", "f16")
+    ids = torch.randint(0, 3000, (1, 40))
+    merge_lora(model)
+    ours = load_model(convert(out, tmp_path / "imported"), compute_dtype=torch.float32, device="cpu")
+    assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    assert relative_error(logits(ours, ids), logits(model, ids)) <= 1e-3
 
 
 def test_rotary_permutation_matters(tmp_path, monkeypatch):
