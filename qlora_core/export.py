@@ -194,6 +194,7 @@ def export_gguf(model, out_path: str | Path, dtype: str = "f16", tokenizer_sourc
     cfg, out = model.config, Path(out_path)
     file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
     try:

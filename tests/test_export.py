@@ -5,16 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from tokenizers import Regex, pre_tokenizers
 
 from conftest import write_checkpoint
-from test_convert import TEXTS, byte_level_tokenizer, relative_error, write_tiny_gguf, byte_level_vocab
+from test_convert import TEXTS, byte_level_tokenizer, byte_level_vocab, relative_error, write_tiny_gguf
 from test_lora import randomize_lora
 from qlora_core import QLoRAError, load_model, load_tokenizer
-from qlora_core.convert import convert
+from qlora_core.convert import LLAMA3_SPLIT, convert, field
 from qlora_core.defaults import smollm2_gguf
-from qlora_core.export import export_gguf
+from qlora_core.export import add_tokenizer, export_gguf
 from qlora_core.export import main as export_main
 from qlora_core.lora import add_lora, merge_lora, save_adapter
 from qlora_core.util import run_cli
@@ -126,6 +128,39 @@ def test_q8_0_export_is_close_to_the_merged_model(tmp_path):
     merge_lora(model)
     expected = logits(model, ids)
     assert relative_error(logits(transformers_gguf(out)[0], ids), expected) <= 2e-2
+
+
+@pytest.mark.parametrize("split", ["gpt-2", "llama-bpe", "digits"])
+def test_byte_level_splits_give_our_ids_in_transformers(tmp_path, split):
+    """A tokenizer.json with GPT-2's split or Llama-3's gives our ids in the file; one with another split (SmolLM2's
+    digits first) is refused, since transformers and llama.cpp would split its text otherwise."""
+    tok = byte_level_tokenizer()
+    if split == "llama-bpe":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif split == "digits":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "gguf" / "tok.gguf"  # not beside tokenizer.json, which transformers would read instead
+    path.parent.mkdir()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if split == "digits":
+        with pytest.raises(QLoRAError, match="pre_tokenizer .*Digits.* is not supported for GGUF export"):
+            add_tokenizer(writer, str(tmp_path), tok.get_vocab_size())
+        return
+    add_tokenizer(writer, str(tmp_path), tok.get_vocab_size())
+    writer.add_tensor("token_embd.weight", np.zeros((tok.get_vocab_size(), 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    from transformers import AutoTokenizer
+    ref = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    ours = load_tokenizer(tmp_path)
+    assert field(gguf.GGUFReader(path), "tokenizer.ggml.pre") == split
+    for text in TEXTS + ["2165423 people, I'M told"]:  # Llama-3 splits the digits in threes, GPT-2 does not
+        assert ref(text, add_special_tokens=False).input_ids == ours.encode(text)
 
 
 def test_linear_rope_scaling_round_trips_through_our_importer(tmp_path):
