@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_model, resolve_model_dir
-from .convert import CONTROL, LAYER_NAMES, LLAMA3_SPLIT, TOP_NAMES, USER_DEFINED, field, read_gguf
+from .convert import CONTROL, LAYER_NAMES, LLAMA3_SPLIT, TOP_NAMES, USER_DEFINED, read_gguf
 from .lora import load_adapter, merged_tensors, read_adapter_config
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
 from .util import QLoRAError, log, read_json_object, run_cli
@@ -25,7 +25,7 @@ NORMAL, UNUSED = 1, 5
 """tokenizer.ggml.token_type of plain tokens and of the padding tokens that fill the vocabulary to the model's."""
 GGUF_PARTS = {hf: part for part, hf in {**LAYER_NAMES, **TOP_NAMES}.items()}
 """transformers module names (within a decoder layer, or at the top) -> GGUF names."""
-GPT2_SPLIT, LLAMA3_PRE = "gpt-2", "llama-bpe"
+GPT2_PRE, LLAMA3_PRE = "gpt-2", "llama-bpe"
 """tokenizer.ggml.pre of GPT-2's byte-level split and of Llama-3's split, as llama.cpp names them."""
 
 
@@ -108,7 +108,7 @@ def sentencepiece_vocab(path: Path) -> dict:
 def pre_tokenizer_name(pre: dict | None, path: Path) -> str:
     """tokenizer.ggml.pre of a tokenizer.json's byte-level pre-tokenizer: GPT-2's split or Llama-3's."""
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return GPT2_SPLIT
+        return GPT2_PRE
     steps = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
     if [s.get("type") for s in steps] == ["Split", "ByteLevel"] and \
             steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT and not steps[1].get("use_regex", True):

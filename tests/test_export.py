@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Regex, pre_tokenizers
+from tokenizers import Regex, models, pre_tokenizers
 
 from conftest import write_checkpoint
 from test_convert import TEXTS, byte_level_tokenizer, byte_level_vocab, relative_error, write_tiny_gguf
@@ -226,7 +226,7 @@ def test_other_architectures_and_unknown_tokenizers_are_refused_in_one_line(tmp_
     (base / "config.json").write_text(json.dumps(config))
     (base / "tokenizer.model").unlink()
     wordpiece = byte_level_tokenizer()
-    wordpiece.model = __import__("tokenizers").models.WordPiece(wordpiece.get_vocab(), unk_token="<|endoftext|>")
+    wordpiece.model = models.WordPiece(wordpiece.get_vocab(), unk_token="<|endoftext|>")
     wordpiece.save(str(base / "tokenizer.json"))
     assert "a 'WordPiece' model cannot be written as a GGUF vocabulary" in refuse([str(base), adapter, out], capsys)
 
