@@ -3,12 +3,14 @@
     python -m qlora_core.export BASE ADAPTER OUT.gguf [--dtype f16|bf16|q8_0]
 
 The inverse of `qlora_core.convert`. The weights go under llama.cpp's names, the query and key rows in its
-interleaved rotary order (`permute_rotary`), and the model's shape into llama.* metadata. The tokenizer is the
+interleaved rotary order (`permute_rotary`), and the model's shape and rope into llama.* metadata. The tokenizer is the
 base's: copied key by key from a GGUF base, or written from a SentencePiece tokenizer.model (a llama vocabulary with
 scores) or a byte-level BPE tokenizer.json (a gpt2 vocabulary with merges), with the BOS / EOS / padding ids that
-`load_tokenizer` reads and the chat template of tokenizer_config.json. llama.cpp, Ollama and LM Studio run the file.
+`load_tokenizer` reads and the chat template of tokenizer_config.json. llama.cpp, Ollama and LM Studio run the file
+(llama.cpp was checked by hand: README, GGUF models).
 """
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from .checkpoint import load_model, resolve_model_dir
 from .convert import CONTROL, LAYER_NAMES, LLAMA3_SPLIT, TOP_NAMES, USER_DEFINED, read_gguf
 from .lora import load_adapter, merged_tensors, read_adapter_config
+from .model import rope_inv_freq
 from .tokenizer import TOKENIZER_FILES, load_tokenizer
 from .util import QLoRAError, log, read_json_object, run_cli
 
@@ -58,10 +61,12 @@ def encoded(w: torch.Tensor, dtype: str):
 
 
 def add_architecture(writer, cfg) -> None:
-    """llama.* metadata of the model's shape, rope and normalization, as llama.cpp's converter writes it."""
+    """llama.* metadata of the model's shape, rope and normalization, as llama.cpp's converter writes it. Llama-3.1's
+    rope scaling goes in a rope_freqs tensor: the factor that llama.cpp divides each rotary frequency by."""
     import gguf
-    if cfg.rope_type not in ("default", "linear"):
-        raise QLoRAError(f"rope scaling {cfg.rope_type!r} cannot be written to GGUF here (none or linear)")
+    if cfg.rope_type == "llama3":
+        plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))
+        writer.add_tensor("rope_freqs.weight", (plain / rope_inv_freq(cfg)).numpy())
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_feed_forward_length(cfg.intermediate_size)

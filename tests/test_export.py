@@ -1,5 +1,6 @@
 """The GGUF exporter against our merged model: read back by our importer and by transformers' own GGUF loading."""
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -163,19 +164,46 @@ def test_byte_level_splits_give_our_ids_in_transformers(tmp_path, split):
         assert ref(text, add_special_tokens=False).input_ids == ours.encode(text)
 
 
+def with_rope_scaling(base: Path, scaling: dict) -> Path:
+    config = json.loads((base / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], **scaling}
+    (base / "config.json").write_text(json.dumps(config))
+    return base
+
+
 def test_linear_rope_scaling_round_trips_through_our_importer(tmp_path):
     """transformers' GGUF loading ignores llama.rope.scaling.*; our importer and llama.cpp read it."""
-    base = sentencepiece_base(tmp_path / "base")
-    config = json.loads((base / "config.json").read_text())
-    config["rope_parameters"] = {**config["rope_parameters"], "rope_type": "linear", "factor": 4.0}
-    (base / "config.json").write_text(json.dumps(config))
-    model = tuned(base)
+    model = tuned(with_rope_scaling(sentencepiece_base(tmp_path / "base"), {"rope_type": "linear", "factor": 4.0}))
     out = export_gguf(model, tmp_path / "tuned.gguf", "f16")
     ids = torch.randint(0, 3000, (1, 40))
     merge_lora(model)
     ours = load_model(convert(out, tmp_path / "imported"), compute_dtype=torch.float32, device="cpu")
     assert ours.config.rope_scaling == {"rope_type": "linear", "factor": 4.0}
     assert relative_error(logits(ours, ids), logits(model, ids)) <= 1e-3
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpp_frequency_factors(tmp_path):
+    """The rope_freqs tensor of llama.cpp's converter (its loop, written again here), by which llama.cpp divides each
+    rotary frequency; neither our importer nor transformers' GGUF loading reads it. Long and short wavelengths and
+    the smoothed ones between them all occur at this head size."""
+    factor, low, high, old = 8.0, 1.0, 4.0, 32
+    scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+               "original_max_position_embeddings": old}
+    model = tuned(with_rope_scaling(sentencepiece_base(tmp_path / "base"), scaling))
+    out = export_gguf(model, tmp_path / "tuned.gguf", "f16")
+    dim, expected = model.config.head_dim, []
+    for freq in 1.0 / (model.config.rope_theta ** (np.arange(0, dim, 2) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            expected.append(1.0)
+        elif wavelen > old / low:
+            expected.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            expected.append(1 / ((1 - smooth) / factor + smooth))
+    assert len(set(expected)) > 2
+    rope_freqs = next(t for t in gguf.GGUFReader(out).tensors if t.name == "rope_freqs.weight")
+    np.testing.assert_allclose(rope_freqs.data, expected, rtol=1e-5)
 
 
 def test_rotary_permutation_matters(tmp_path, monkeypatch):
