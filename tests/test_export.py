@@ -57,9 +57,9 @@ def gguf_base(path: Path) -> Path:
 BASES = {"sentencepiece": sentencepiece_base, "tokenizer.json": byte_level_base, "gguf": gguf_base}
 
 
-def tuned(base) -> torch.nn.Module:
-    """The base in float32 with a random nonzero adapter on every projection, as after training."""
-    model = load_model(base, compute_dtype=torch.float32, device="cpu")
+def tuned(base, quantize=None) -> torch.nn.Module:
+    """The base in float32 (or NF4) with a random nonzero adapter on every projection, as after training."""
+    model = load_model(base, quantize=quantize, compute_dtype=torch.float32, device="cpu")
     add_lora(model, r=4, alpha=8, dropout=0.0)
     randomize_lora(model, std=0.05)
     return model
@@ -116,6 +116,14 @@ def test_f16_export_gives_merged_logits_and_our_token_ids_in_transformers(export
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (tok.bos_id, tok.eos_id)
     assert (model.config.bos_token_id, model.config.eos_token_id) == (tok.bos_id, tok.eos_id)
     assert hf_tok.chat_template.startswith("{% for m in messages %}")
+
+
+def test_4bit_model_exports_its_dequantized_weights(tmp_path):
+    """A model tuned on an NF4 base, as QLoRA trains it, exports the dequantized base with the adapter folded in."""
+    model = tuned(sentencepiece_base(tmp_path / "base"), quantize="nf4")
+    out = export_gguf(model, tmp_path / "tuned.gguf", "f16")
+    ids = torch.randint(0, 3000, (2, 20))
+    assert relative_error(logits(transformers_gguf(out)[0], ids), logits(model, ids)) <= 1e-3
 
 
 def test_q8_0_export_is_close_to_the_merged_model(tmp_path):
