@@ -28,6 +28,8 @@ NORMAL, UNUSED = 1, 5
 """tokenizer.ggml.token_type of plain tokens and of the padding tokens that fill the vocabulary to the model's."""
 GGUF_PARTS = {hf: part for part, hf in {**LAYER_NAMES, **TOP_NAMES}.items()}
 """transformers module names (within a decoder layer, or at the top) -> GGUF names."""
+DTYPES = ("f16", "bf16", "q8_0")
+"""The types the matrices can be written in; each is a GGML type and a llama.cpp file type (MOSTLY_<TYPE>)."""
 GPT2_PRE, LLAMA3_PRE = "gpt-2", "llama-bpe"
 """tokenizer.ggml.pre of GPT-2's byte-level split and of Llama-3's split, as llama.cpp names them."""
 
@@ -52,7 +54,7 @@ def encoded(w: torch.Tensor, dtype: str):
     blocks of 32 do not divide are written in F16, as llama.cpp's converter does."""
     import gguf
     Q = gguf.GGMLQuantizationType
-    qtype = {"f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[dtype]
+    qtype = Q[dtype.upper()]
     if w.dim() == 1:
         qtype = Q.F32
     elif qtype == Q.Q8_0 and w.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
@@ -194,18 +196,19 @@ def export_gguf(model, out_path: str | Path, dtype: str = "f16", tokenizer_sourc
         import gguf
     except ImportError:
         raise QLoRAError("writing a GGUF file needs the gguf package: pip install gguf") from None
-    if dtype not in ("f16", "bf16", "q8_0"):
-        raise QLoRAError(f"GGUF dtype {dtype!r} is not supported (f16, bf16 or q8_0)")
+    if dtype not in DTYPES:
+        raise QLoRAError(f"GGUF dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
     cfg, out = model.config, Path(out_path)
-    file_type = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    source = tokenizer_source or getattr(model, "name_or_path", None)
+    if not source:
+        raise QLoRAError("the model does not say which base it was loaded from (name_or_path); give tokenizer_source")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     writer = gguf.GGUFWriter(tmp, "llama", use_temp_file=True)
     try:
         add_architecture(writer, cfg)
-        writer.add_file_type(file_type)
-        add_tokenizer(writer, tokenizer_source or model.name_or_path, cfg.vocab_size)
+        writer.add_file_type(gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"])
+        add_tokenizer(writer, source, cfg.vocab_size)
         heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
         for key, w in merged_tensors(model, torch.float32):
             name = gguf_name(key)
@@ -232,7 +235,7 @@ def main(argv=None):
     p.add_argument("base", help="the base model: a .gguf file, a checkpoint directory or a hub id")
     p.add_argument("adapter", type=Path, help="the LoRA adapter directory (PEFT layout) to fold in")
     p.add_argument("out", type=Path, help="the .gguf file to write (replaced if it exists)")
-    p.add_argument("--dtype", default="f16", choices=("f16", "bf16", "q8_0"),
+    p.add_argument("--dtype", default="f16", choices=DTYPES,
                    help="the projections' and embeddings' type; norms stay float32 (default: %(default)s)")
     args = p.parse_args(argv)
     read_adapter_config(args.adapter)  # a mistyped adapter fails before the base loads

@@ -130,7 +130,9 @@ def test_q8_0_export_is_close_to_the_merged_model(tmp_path):
     base = sentencepiece_base(tmp_path / "base")
     model = tuned(base)
     out = export_gguf(model, tmp_path / "tuned.gguf", "q8_0")
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(out).tensors}
+    reader = gguf.GGUFReader(out)
+    assert field(reader, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    types = {t.name: t.tensor_type for t in reader.tensors}
     assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
     ids = torch.randint(0, 3000, (2, 20))
