@@ -69,7 +69,7 @@ class TrainConfig:
     global_batch_size: int | None = None
     """Records per optimizer step over all processes; None means batch_size x grad_accum x the world size."""
     cuda_graphs: bool | None = None
-    """Replay packed micro-batches from CUDA graphs (step_graphs.py); None means on for one process on CUDA."""
+    """Replay packed micro-batches from CUDA graphs (step_graphs.py); None means where they pay (graphs_pay)."""
 
     def step_records(self, world: int = 1) -> int:
         """Records per optimizer step over all processes. Under torchrun each step covers the records of a
