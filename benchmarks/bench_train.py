@@ -85,17 +85,6 @@ def load_ours(source, device, args):
     return model, params, make_optimizer(params, "paged_adamw_32bit", lr=2e-4)
 
 
-def ours_graphs(model, args, device):
-    """(max_tokens, StepGraphs or None) as train() picks them, or as --cuda-graphs / --no-cuda-graphs ask."""
-    from qlora_core.step_graphs import StepGraphs
-    from qlora_core.trainer import auto_max_tokens, graphs_pay
-
-    use = torch.device(device).type == "cuda" and distributed.world_size() == 1 and (
-        args.cuda_graphs if args.cuda_graphs is not None else graphs_pay(model, 1))
-    max_tokens = args.max_tokens or auto_max_tokens(model, offloaded=args.offload_activations and not use)
-    return max_tokens, StepGraphs(model, max_tokens) if use else None
-
-
 def train_step_ours(model, params, optimizer, batches, device, n_targets=None, ddp=None, graphs=None):
     from qlora_core.trainer import accumulate_gradients
 
@@ -199,7 +188,7 @@ def run_one(impl: str, model_dir, device, args, batches) -> dict:
 
 def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     """One row of the seed's job: load the stack, warm up, time optimizer steps over the ADL-shaped records."""
-    from qlora_core.trainer import LossSum, example_targets, micro_batches
+    from qlora_core.trainer import LossSum, example_targets, micro_batch_plan, micro_batches
 
     log(f"{impl}: loading")
     free_memory(device)
@@ -207,7 +196,7 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     graphs = None
     if impl == "ours":
         model, params, optimizer = load_ours(model_dir, device, args)
-        max_tokens, graphs = ours_graphs(model, args, device)
+        max_tokens, graphs = micro_batch_plan(model, args.cuda_graphs, args.max_tokens, world)
         if world > 1:
             ddp = distributed.data_parallel(LossSum(model))
     else:
@@ -321,7 +310,7 @@ def main_adl(args):
 
 def main_long(args):
     """One record of each --seq-lens at the model's shape: forward, backward, clipping and the optimizer step."""
-    from qlora_core.trainer import micro_batches
+    from qlora_core.trainer import micro_batch_plan, micro_batches
 
     if args.impls == ",".join(IMPLS):
         args.impls = "ours,hf"
@@ -333,7 +322,7 @@ def main_long(args):
         free_memory(args.device)
         if impl == "ours":
             model, params, optimizer = load_ours(model_dir, args.device, args)
-            max_tokens, graphs = ours_graphs(model, args, args.device)
+            max_tokens, graphs = micro_batch_plan(model, args.cuda_graphs, args.max_tokens, 1)
         else:
             model, params, optimizer = load_hf(model_dir, args.device, args, fp32_cast=True)
         for n in lengths:

@@ -165,6 +165,17 @@ def graphs_pay(model, world: int) -> bool:
     return auto_max_tokens(model, offloaded=False) == auto_max_tokens(model, offloaded=True)
 
 
+def micro_batch_plan(model, cuda_graphs: bool | None, max_tokens: int | None,
+                     world: int) -> tuple[int, StepGraphs | None]:
+    """(the tokens a packed micro-batch holds, the CUDA graphs that run them or None): graphs as asked, or where
+    they pay (None); a budget not given counts the layer inputs that graphs keep on the GPU."""
+    use = graphs_pay(model, world) if cuda_graphs is None else cuda_graphs
+    if use and (world > 1 or not model.lm_head.weight.is_cuda):
+        raise QLoRAError("--cuda-graphs needs CUDA and one process (DDP's gradient hooks are not captured)")
+    max_tokens = max_tokens or auto_max_tokens(model, offloaded=model.model.offload_activations and not use)
+    return max_tokens, StepGraphs(model, max_tokens) if use else None
+
+
 def micro_batches(examples, indices: list[int], max_tokens: int) -> list[dict]:
     """The examples of one optimizer step, packed without padding into micro-batches of at most max_tokens."""
     bins = pack([len(examples[i][0]) for i in indices], max_tokens)
@@ -418,14 +429,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.model.gradient_checkpointing = model.lm_head.weight.is_cuda if use_ckpt is None else use_ckpt
     offload = cfg.offload_activations
     model.model.offload_activations = model.lm_head.weight.is_cuda if offload is None else offload
-    use_graphs = cfg.cuda_graphs
-    if use_graphs is None:
-        use_graphs = graphs_pay(model, world)
-    if use_graphs and (world > 1 or not model.lm_head.weight.is_cuda):
-        raise QLoRAError("--cuda-graphs needs CUDA and one process (DDP's gradient hooks are not captured)")
-    offloaded = model.model.offload_activations and not use_graphs
-    max_tokens = cfg.max_tokens or auto_max_tokens(model, offloaded)
-    graphs = StepGraphs(model, max_tokens) if use_graphs else None
+    max_tokens, graphs = micro_batch_plan(model, cfg.cuda_graphs, cfg.max_tokens, world)
 
     step, last_ckpt = 0, None
     found = checkpoint_dirs(out)
