@@ -9,7 +9,8 @@
 # attention kernels alone ($OUT/long_seq.json). real: the real SmolLM2-135M GGUF ($GGUF) on ADL's train.json
 # ($OUT/real_model_job.json). 70b: the seed's job at Llama-2-70B's shape, ours alone on a random NF4 base built on the
 # GPU (no checkpoint), with a memory profile ($OUT/scale_70b.json, $OUT/memory_70b/); 13b: ours, hf-seed and hf-best
-# at Llama-2-13B's shape from a written checkpoint ($OUT/scale_13b.json). Needs .bench/ (carry it): train_llama2_lengths.json and, for real, train.json; and
+# at Llama-2-13B's shape from a written checkpoint ($OUT/scale_13b.json); both merge into $OUT/scale.json
+# (benchmarks/scale_results.py). Needs .bench/ (carry it): train_llama2_lengths.json and, for real, train.json; and
 # .whl/ (bitsandbytes). Settings: BUDGET (580 s for the call), WORKDIR, PYTHON, SEED_ARGS / SMOL_ARGS / LONG_ARGS /
 # REAL_ARGS / SCALE_ARGS (more flags for bench_train.py).
 BUDGET=${BUDGET:-580}
@@ -46,4 +47,7 @@ for stage in "${stages[@]}"; do
   [ "$stage" = tests ] && grep -E "passed|failed" "$OUT/log.txt" | tail -1 > "$OUT/pytest.txt"
   echo "$stage took $SECONDS s (status so far $status)" | tee -a "$OUT/log.txt"
 done
+scale=()
+for f in "$OUT/scale_70b.json" "$OUT/scale_13b.json"; do [ -f "$f" ] && scale+=("$f"); done
+[ ${#scale[@]} -gt 0 ] && "$PYTHON" benchmarks/scale_results.py "${scale[@]}" --out "$OUT/scale.json" | tee -a "$OUT/log.txt"
 exit $status
