@@ -45,9 +45,7 @@ class MemoryProfile:
         torch.cuda.synchronize()
         self.start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        # Python stacks only: with C++ stacks too (the default), torch 2.11 on an H200 failed inside the
-        # 70B step's cross_entropy (SystemError: returned NULL without setting an exception).
-        torch.cuda.memory._record_memory_history(stacks="python", max_entries=1_000_000)
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
         return self
 
     def __exit__(self, *exc):
