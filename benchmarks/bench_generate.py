@@ -13,16 +13,17 @@ Llama-2 prompt lengths (`--lengths`, first column), random tokens, 64 new tokens
 - mode greedy and beam3: batch 1, one prompt at a time (`--single-prompts`);
 - mode job: `--job-prompts` (250) prompts, 3 beams, in the batches infer.py makes (`length_batches`, `--batch-size`
   8), through our `generate` and through transformers' batched `generate` (left padding, attention mask).
-new tokens/s = prompts x new tokens / seconds. The HF side is slow, so it runs `--hf-single-prompts` prompts at
-batch 1 and `--hf-job-prompts` prompts of the job (whole batches spread evenly over it); its rows say `prompts` and
-`extrapolated: true` when that is fewer than ours. Ours runs each mode once untimed first (kernel autotuning and
-graph capture; `cold_s` is that run's time).
+new tokens/s = prompts x new tokens / seconds. Both sides run the same `--single-prompts` prompts at batch 1. The HF
+side is slow, so of the job it runs whole batches spread evenly over it, holding at least `--hf-job-prompts` (48)
+prompts; its job row says `prompts` and `extrapolated: true` when that is fewer than ours. Every implementation runs
+each mode's work once untimed first, then once timed (`cold_s` is the untimed run: kernel autotuning, graph capture,
+allocator and library warm-up).
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
     python benchmarks/bench_generate.py --preset tiny --device cpu --new-tokens 8 --iters 1              # smoke
     python benchmarks/bench_generate.py --preset tiny --device cpu --workload adl --new-tokens 4 \\
-        --single-prompts 1 --job-prompts 10 --hf-single-prompts 1 --hf-job-prompts 8                     # smoke
+        --single-prompts 1 --job-prompts 10 --hf-job-prompts 8                                           # smoke
 """
 import json
 import random
@@ -151,12 +152,13 @@ def adl_prompts(lengths_path, n: int, vocab_size: int, seed: int) -> list[list[i
 
 
 def spread(batches: list, n_prompts: int) -> list:
-    """Whole batches, evenly spaced over the job, holding about n_prompts prompts (all batches if n covers them)."""
-    size = max(len(b) for b in batches)
-    k = min(len(batches), max(1, -(-n_prompts // size)))
-    if k == len(batches):
-        return batches
-    return [batches[int((i + 0.5) * len(batches) / k)] for i in range(k)]  # the middle of each k-th of the job
+    """The fewest whole batches, evenly spaced over the job, that hold at least n_prompts prompts (all of them if
+    the job has no more)."""
+    for k in range(1, len(batches) + 1):
+        chosen = [batches[int((i + 0.5) * len(batches) / k)] for i in range(k)]  # the middle of each k-th of the job
+        if sum(len(b) for b in chosen) >= n_prompts:
+            return chosen
+    return batches
 
 
 def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dict]:
@@ -167,8 +169,7 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dic
         model, gen = load(impl, model_dir, device, args)
     hf = impl == "hf"
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
-    modes = [("greedy", 1, 1, [[p] for p in single[:args.hf_single_prompts if hf else None]]),
-             ("beam3", 1, 3, [[p] for p in single[:args.hf_single_prompts if hf else None]]),
+    modes = [("greedy", 1, 1, [[p] for p in single]), ("beam3", 1, 3, [[p] for p in single]),
              ("job", args.batch_size, 3, spread(batches, args.hf_job_prompts) if hf else batches)]
     rows = []
     for mode, batch, beams, work in modes:
@@ -182,11 +183,9 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dic
                     raise RuntimeError(f"{impl} {mode}: rows of {[len(t) for t in out]} new tokens, expected "
                                        f"{args.new_tokens}")
 
-        cold = None
-        if not hf:
-            with cuda_timer(device) as t:
-                run()  # untimed: autotuning, graph capture, allocator warm-up
-            cold = t["s"]
+        with cuda_timer(device) as t:
+            run()  # untimed, on every side alike: autotuning, graph capture, allocator and library warm-up
+        cold = t["s"]
         reset_peak(device)
         with cuda_timer(device) as t:
             run()
@@ -238,9 +237,9 @@ def main():
     ap.add_argument("--single-prompts", type=int, default=8, help="adl: prompts of the batch-1 modes")
     ap.add_argument("--job-prompts", type=int, default=250, help="adl: prompts of the job")
     ap.add_argument("--batch-size", type=int, default=8, help="adl: the job's batch size (infer.py's default)")
-    ap.add_argument("--hf-single-prompts", type=int, default=2, help="adl: HF runs this many of the batch-1 prompts")
-    ap.add_argument("--hf-job-prompts", type=int, default=24,
-                    help="adl: HF runs whole job batches holding about this many prompts; its rate is extrapolated")
+    ap.add_argument("--hf-job-prompts", type=int, default=48,
+                    help="adl: HF runs whole job batches holding at least this many prompts; its rate is extrapolated "
+                    "(default: %(default)s)")
     args = ap.parse_args()
     if args.new_tokens is None:
         args.new_tokens = 64 if args.workload == "adl" else 128

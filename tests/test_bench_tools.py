@@ -1,0 +1,35 @@
+"""Small pieces of the benchmark scripts whose mistakes would bend a published ratio: which job batches the HF side
+runs, and how the scale results are merged."""
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_generate import spread  # noqa: E402
+from scale_results import merge  # noqa: E402
+
+
+def test_spread_takes_the_fewest_evenly_spaced_batches_that_hold_enough_prompts():
+    batches = [[f"{i}.{j}" for j in range(8)] for i in range(31)] + [["31.0", "31.1"]]
+    chosen = spread(batches, 48)
+    assert len(chosen) == 6 and sum(map(len, chosen)) == 48
+    assert [batches.index(b) for b in chosen] == [2, 8, 13, 18, 24, 29]  # the middle of each sixth
+    short = [batches[0], ["x", "y"]]  # the one middle batch is the short last one: take both
+    assert spread(short, 8) == short
+    assert spread(batches, 10_000) == batches
+
+
+def test_scale_rows_keep_their_preset(tmp_path):
+    paths = []
+    for preset, impls in (("llama-2-70b", ["ours"]), ("llama-2-13b", ["ours", "hf-best"])):
+        run = {"environment": {"gpu": preset}, "settings": {"preset": preset},
+               "rows": [{"impl": i, "step_s": 1.0, "tokens_per_s": 2.0, "peak_alloc_gib": 3.0, "gpu_busy": None,
+                         "extra": 0} for i in impls]}
+        paths.append(tmp_path / f"{preset}.json")
+        paths[-1].write_text(json.dumps(run))
+    merged = merge(paths)
+    assert [(r["preset"], r["impl"]) for r in merged["rows"]] == [("llama-2-70b", "ours"), ("llama-2-13b", "ours"),
+                                                                   ("llama-2-13b", "hf-best")]
+    assert merged["environment"] == {"gpu": "llama-2-70b"} and "extra" not in merged["rows"][0]
+    assert [r["settings"]["preset"] for r in merged["runs"]] == ["llama-2-70b", "llama-2-13b"]
