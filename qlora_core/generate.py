@@ -2,7 +2,8 @@
 
 As in gpt-fast, the cache is preallocated once for the whole batch and every decode step is the same
 function of fixed-shape tensors (`decode_one_token`), so a CUDA graph can capture it. Beam search keeps
-batch * num_beams rows and reorders the cache in place. It reproduces transformers' `generate(do_sample=False,
+batch * num_beams rows, prefills each prompt once and copies its cache to its beams (`prefill_beams`), and
+reorders the cache in place. It reproduces transformers' `generate(do_sample=False,
 num_beams=N, early_stopping=False)` token for token: see `beam_search`.
 """
 import weakref
@@ -32,6 +33,32 @@ def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tenso
     lm_head runs on the last position only: logits of the whole prompt would cost rows x width x vocab.
     """
     return model.lm_head(model.model(ids, attention_mask=mask, input_pos=input_pos)[:, -1]).float()
+
+
+def prefill_beams(model, ids: torch.Tensor, mask: torch.Tensor, num_beams: int) -> torch.Tensor:
+    """`prefill` of a beam batch (each prompt repeated num_beams times) that runs each prompt once and copies its
+    cache into its beams' rows; float32 logits [rows, vocab].
+
+    The prefill writes the first batch rows of every layer's cache (views of them), then row r becomes a copy of row
+    r // num_beams.
+    """
+    rows, width = ids.shape
+    first = torch.arange(0, rows, num_beams, device=ids.device)
+    caches = [layer.self_attn.kv_cache for layer in model.model.layers]
+    full = [(c.k, c.v) for c in caches]
+    for c in caches:
+        c.k, c.v = c.k[:len(first)], c.v[:len(first)]
+    try:
+        logits = prefill(model, ids[first], mask[first], torch.arange(width, device=ids.device))
+    finally:
+        for c, (k, v) in zip(caches, full):
+            c.k, c.v = k, v
+    source = torch.arange(rows, device=ids.device) // num_beams
+    for buffers in full:
+        for buf in buffers:
+            part = buf[:, :, :width]
+            part.copy_(part.index_select(0, source))
+    return logits.repeat_interleave(num_beams, dim=0)
 
 
 def decode_one_token(model, token: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -253,7 +280,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
     batch, device = rows // num_beams, ids.device
     keep = 2 * num_beams
     mask[:, width:] = True  # every beam is live to the end; causality hides the slots not yet written
-    logits = prefill(model, ids, mask, torch.arange(width, device=device))
+    logits = prefill_beams(model, ids, mask, num_beams)
     input_pos = torch.tensor([width], device=device)
     vocab = logits.shape[-1]
 

@@ -68,6 +68,18 @@ def test_matches_transformers_generate(models, num_beams):
     assert all(eos not in r[:-1] for r in mine)
 
 
+def test_beam_search_prefills_each_prompt_once(models, monkeypatch):
+    _, ours = models
+    prompts = random_prompts(3)
+    calls = []
+    forward = type(ours.model).forward
+    monkeypatch.setattr(type(ours.model), "forward",
+                        lambda self, ids, *a, **kw: calls.append(tuple(ids.shape)) or forward(self, ids, *a, **kw))
+    gen.generate(ours, prompts, 4, num_beams=3)
+    width = max(len(p) for p in prompts)
+    assert calls[0] == (3, width) and set(calls[1:]) == {(9, 1)}
+
+
 def test_beam_search_length_penalty_matches_transformers(models):
     ref, ours = models
     prompts = random_prompts()
