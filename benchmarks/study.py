@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/study.py` finds qlora_core
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # and common.py, when this file is loaded by path
 
+from common import peak_gib, reset_peak  # noqa: E402
 from qlora_core import load_model, load_tokenizer  # noqa: E402
 from qlora_core.convert import converted_dir, field, read_gguf  # noqa: E402
 from qlora_core.data import IGNORE_INDEX, DataConfig, collate, load_records, tokenize_records  # noqa: E402
@@ -48,8 +50,6 @@ SAMPLE_IDS = ("07f75449", "7b7ead70", "b8adf597")
 """The public_test records whose outputs the seed's report shows (id prefixes)."""
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-SETTINGS = ("gguf_md5", "max_steps", "eval_every", "smoke", "test_records")
-"""What a rerun into the same --out must share with the results there to continue them."""
 
 
 def log(msg: str) -> None:
@@ -98,13 +98,10 @@ def load_data(data_dir: Path, smoke: bool) -> tuple[list[dict], list[dict], list
     return train_records, test, samples
 
 
-def peak_gib(device: str) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-
-
-def reset_peak(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
+def peak_alloc(device: str, before: dict) -> float | None:
+    """GiB allocated at the peak since reset_peak, or at an earlier run's peak of this side if higher (None on the
+    CPU)."""
+    return max(filter(None, [peak_gib(device)["peak_alloc_gib"], before.get("peak_alloc_gib")]), default=None)
 
 
 def decoded(model, tok, prompts, args) -> dict:
@@ -150,7 +147,7 @@ def run_ours(model_dir: Path, train_records, test, samples, args, before: dict) 
     result = train(model, examples_train, padding_id(tok), cfg, tokenize_records(tok, test, DataConfig()), eval_fn,
                    resume=resume)
     train_s = before.get("train_s", 0.0) + time.perf_counter() - start - curve_s[0]
-    peak = max(filter(None, [peak_gib(args.device), before.get("peak_alloc_gib")]), default=None)
+    peak = peak_alloc(args.device, before)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = sorted({r["step"]: r["eval_perplexity"] for r in rows if "eval_perplexity" in r}.items())
     partial = {"zero_shot": zero_shot, "few_shot": few_shot, "curve": curve, "train_s": train_s,
@@ -265,7 +262,7 @@ def run_peer(gguf: Path, model_dir: Path, train_records, test, args, before: dic
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainingArguments
 
     out = args.out / "peer"
-    found = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) if before else []
+    found = checkpoint_dirs(out) if before else []  # Trainer's checkpoints hold a trainer_state.json too
     if not found:
         shutil.rmtree(out, ignore_errors=True)
         before = {}
@@ -312,7 +309,7 @@ def run_peer(gguf: Path, model_dir: Path, train_records, test, args, before: dic
         for s, handler in handlers.items():
             signal.signal(s, handler)
     train_s = before.get("train_s", 0.0) + time.perf_counter() - start - callback.eval_s
-    peak = max(filter(None, [peak_gib(args.device), before.get("peak_alloc_gib")]), default=None)
+    peak = peak_alloc(args.device, before)
     steps = trainer.state.global_step
     log(f"peer: step {steps} of {args.peer_steps} after {train_s:.0f} s of training")
     segments = before.get("segments", []) + [[callback.first_step, steps]]
@@ -392,6 +389,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def write_report(results: dict, out: Path) -> None:
+    results["comparison"] = compare(results)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
     (out / "table.md").write_text(table(results), encoding="utf-8")
     plot(results, out / "learning_curve.png")
@@ -417,7 +415,7 @@ def main(argv=None):
     train_records, test, samples = load_data(args.data, args.smoke)
     settings = {"gguf_md5": hashlib.md5(gguf.read_bytes()).hexdigest(), "max_steps": args.max_steps,
                 "eval_every": args.eval_every, "smoke": args.smoke, "test_records": len(test)}
-    differ = [k for k in SETTINGS if k in results and results[k] != settings[k]]
+    differ = [k for k in settings if k in results and results[k] != settings[k]]  # a rerun continues only these
     if differ:
         raise SystemExit(f"{results_path} holds a study with other settings ({', '.join(f'{k} {results[k]!r}' for k in differ)}"
                          f"): choose another --out")
@@ -432,13 +430,11 @@ def main(argv=None):
             results["ours"] = run_ours(model_dir, train_records, test, samples, args, before)
         else:
             results["peer"] = run_peer(gguf, model_dir, train_records, test, args, before)
-        results["comparison"] = compare(results)
         write_report(results, args.out)
         if not results[side]["complete"]:
             stopped.append(f"{side} at step {results[side]['steps']}")
             break
     results["wall_s"] = results.get("wall_s", 0.0) + time.perf_counter() - start
-    results["comparison"] = compare(results)
     write_report(results, args.out)
     print(table(results))
     if stopped:

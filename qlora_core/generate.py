@@ -39,8 +39,8 @@ def prefill_beams(model, ids: torch.Tensor, mask: torch.Tensor, num_beams: int) 
     """`prefill` of a beam batch (each prompt repeated num_beams times) that runs each prompt once and copies its
     cache into its beams' rows; float32 logits [rows, vocab].
 
-    The prefill writes the first batch rows of every layer's cache (views of them), then row r becomes a copy of row
-    r // num_beams.
+    The prefill writes the first batch rows of every layer's cache (views of them), then `reorder_cache` makes row r
+    a copy of row r // num_beams.
     """
     rows, width = ids.shape
     first = torch.arange(0, rows, num_beams, device=ids.device)
@@ -53,11 +53,7 @@ def prefill_beams(model, ids: torch.Tensor, mask: torch.Tensor, num_beams: int) 
     finally:
         for c, (k, v) in zip(caches, full):
             c.k, c.v = k, v
-    source = torch.arange(rows, device=ids.device) // num_beams
-    for buffers in full:
-        for buf in buffers:
-            part = buf[:, :, :width]
-            part.copy_(part.index_select(0, source))
+    reorder_cache(model, torch.arange(rows, device=ids.device) // num_beams, width)
     return logits.repeat_interleave(num_beams, dim=0)
 
 
