@@ -47,25 +47,29 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str, tol: float |
 
 
 def both_ways(fn, ref_fn, inputs, what: str) -> None:
-    """fn and ref_fn on copies of inputs: equal outputs, and equal gradients of every input that requires grad
-    under one random output gradient, given to both through a transpose (a gradient with uneven strides)."""
-    mine = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    theirs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
-    y, y_ref = fn(*mine), ref_fn(*theirs)
+    """fn and ref_fn on the same inputs, strides as given: equal outputs, and equal gradients of every input that
+    requires grad under random output gradients of two layouts: rows with a stride (a column slice), and a
+    transpose (of heads and positions for rope, as attention's backward hands it over; else of the last two dims)."""
+    y, y_ref = fn(*inputs), ref_fn(*inputs)
     assert_matches(y, y_ref, f"{what} forward")
-    dy = torch.randn(*y.shape[:-2], y.shape[-1], y.shape[-2]).to(y.dtype).transpose(-1, -2)
-    grads = [t for t in mine if t.requires_grad]
-    ref_grads = [t for t in theirs if t.requires_grad]
-    for g, g_ref, i in zip(torch.autograd.grad(y, grads, dy), torch.autograd.grad(y_ref, ref_grads, dy),
-                           range(len(grads))):
-        assert_matches(g, g_ref, f"{what} gradient {i}")
+    dims = (1, 2) if y.dim() == 4 else (-2, -1)
+    swapped = list(y.shape)
+    swapped[dims[0]], swapped[dims[1]] = swapped[dims[1]], swapped[dims[0]]
+    gen = torch.Generator().manual_seed(5)
+    layouts = {"strided rows": columns(*y.shape, dtype=y.dtype, gen=gen, pad=8),
+               "transposed": torch.randn(swapped, generator=gen).to(y.dtype).transpose(*dims)}
+    leaves = [t for t in inputs if t.requires_grad]
+    for layout, dy in layouts.items():
+        for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(y, leaves, dy, retain_graph=True),
+                                           torch.autograd.grad(y_ref, leaves, dy, retain_graph=True))):
+            assert_matches(g, g_ref, f"{what} gradient {i}, {layout} output gradient")
 
 
-def columns(*shape_and_width, dtype, gen) -> torch.Tensor:
-    """A random [..., width] tensor that is a column slice of a wider one, as projections hand out q, k, gate, up."""
+def columns(*shape_and_width, dtype, gen, pad: int = 40, scale: float = 1.0) -> torch.Tensor:
+    """A random [..., width] tensor that is a column slice of one pad wider, as projections hand out q, k, gate, up."""
     *lead, width = shape_and_width
-    wide = torch.randn(*lead, width + 40, generator=gen).to(dtype)
-    return wide[..., 24:24 + width]
+    wide = (torch.randn(*lead, width + pad, generator=gen) * scale).to(dtype)
+    return wide[..., pad // 2:pad // 2 + width]
 
 
 # The checks below run in the subprocess, with the kernels defined under TRITON_INTERPRET=1.
@@ -85,11 +89,12 @@ def check_rms_norm():
 
 
 def check_silu_mul():
-    """gate and up as column slices of wider tensors; widths below, between and above BLOCK."""
+    """gate and up as column slices of wider tensors (with different row strides); widths below, between and above
+    BLOCK."""
     gen = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
         for shape in ((3, 5, 64), (37, 96), (2, fused.BLOCK + 76)):
-            gate, up = (columns(*shape, dtype=dtype, gen=gen).mul(3).requires_grad_() for _ in range(2))
+            gate, up = (columns(*shape, dtype=dtype, gen=gen, pad=pad, scale=3).requires_grad_() for pad in (40, 72))
             both_ways(fused.SiluMul.apply, SiluMul.apply, [gate, up], f"SiluMul {dtype} {shape}")
     print("SiluMul matches model.SiluMul")
 
