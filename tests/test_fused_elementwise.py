@@ -43,7 +43,7 @@ def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str, tol: float |
     tol = tol or TOLERANCE[ref.dtype]
     err = (got.float() - ref.float()).abs()
     bound = tol * (ref.float().abs() + 0.01 * ref.float().abs().max())
-    assert (err <= bound).all(), f"{what}: max error {err.max().item():.3g}, worst error/bound {(err / bound).max():.3g}"
+    assert (err <= bound).all(), f"{what}: max error {err.max():.3g}, worst error / bound {(err / bound).max():.3g}"
 
 
 def both_ways(fn, ref_fn, inputs, what: str) -> None:
@@ -55,9 +55,9 @@ def both_ways(fn, ref_fn, inputs, what: str) -> None:
     dims = (1, 2) if y.dim() == 4 else (-2, -1)
     swapped = list(y.shape)
     swapped[dims[0]], swapped[dims[1]] = swapped[dims[1]], swapped[dims[0]]
-    gen = torch.Generator().manual_seed(5)
+    gen = torch.Generator(y.device).manual_seed(5)
     layouts = {"strided rows": columns(*y.shape, dtype=y.dtype, gen=gen, pad=8),
-               "transposed": torch.randn(swapped, generator=gen).to(y.dtype).transpose(*dims)}
+               "transposed": torch.randn(swapped, generator=gen, device=y.device).to(y.dtype).transpose(*dims)}
     leaves = [t for t in inputs if t.requires_grad]
     for layout, dy in layouts.items():
         for i, (g, g_ref) in enumerate(zip(torch.autograd.grad(y, leaves, dy, retain_graph=True),
@@ -66,9 +66,10 @@ def both_ways(fn, ref_fn, inputs, what: str) -> None:
 
 
 def columns(*shape_and_width, dtype, gen, pad: int = 40, scale: float = 1.0) -> torch.Tensor:
-    """A random [..., width] tensor that is a column slice of one pad wider, as projections hand out q, k, gate, up."""
+    """A random [..., width] tensor on gen's device, a column slice of one pad wider, as projections hand out q, k,
+    gate and up."""
     *lead, width = shape_and_width
-    wide = (torch.randn(*lead, width + pad, generator=gen) * scale).to(dtype)
+    wide = (torch.randn(*lead, width + pad, generator=gen, device=gen.device) * scale).to(dtype)
     return wide[..., pad // 2:pad // 2 + width]
 
 
