@@ -301,7 +301,8 @@ def environment(device) -> dict:
     """The card and software a result came from; every JSON file carries it."""
     env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "transformers": version("transformers"), "peft": version("peft"),
-           "bitsandbytes": version("bitsandbytes"), "triton": version("triton"), "git": git_revision(), "host": platform.node(), "argv": sys.argv}
+           "bitsandbytes": version("bitsandbytes"), "triton": version("triton"), "git": git_revision(),
+           "host": platform.node(), "argv": sys.argv}
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
