@@ -13,11 +13,10 @@ gradient-checkpointed micro-batch runs them.
     python benchmarks/bench_elementwise.py --out elementwise.json       # on a GPU
 """
 import argparse
-import sys
 
 import torch
 
-from common import log, model_config, print_table, write_json
+from common import finish, log, model_config
 
 LAYER = {"rms_norm": 2, "silu_mul": 1, "rope_q": 1, "rope_k": 1}
 """How many times a decoder layer runs each pass."""
@@ -110,11 +109,8 @@ def main():
             rows.append({"preset": preset, "kernel": "layer", "mode": "forward+backward", "impl": impl,
                          "ms": layer["forward+backward"],
                          "microbatch_ms": cfg.num_hidden_layers * (layer["forward"] + layer["forward+backward"])})
-    print_table(rows, ["preset", "kernel", "mode", "impl", "ms", "gb_per_s", "torch/fused", "microbatch_ms"])
-    if args.out:
-        write_json(args.out, rows, "cuda", benchmark="elementwise", settings=vars(args))
-    if any("error" in r for r in rows):
-        sys.exit(1)
+    finish(rows, ["preset", "kernel", "mode", "impl", "ms", "gb_per_s", "torch/fused", "microbatch_ms"], args.out,
+           "cuda", benchmark="elementwise", settings=vars(args))
 
 
 if __name__ == "__main__":
