@@ -1,9 +1,9 @@
 """The training step's elementwise passes as one Triton kernel each: RMSNorm, the rotary embedding, SiLU(gate) * up.
 
 At Llama-2-7B's and 13B's shapes an H200 spends about 0.65 s of device time a step where the GEMMs need 0.29 s;
-much of the rest is these passes run as several PyTorch kernels each (RMSNorm in float32 alone reads and writes a
-[tokens, hidden] tensor some six times), each reading and writing the whole tensor. Here each pass, forward or
-backward, is one kernel that reads its inputs once and writes its outputs once. The kernels round where model.py's
+much of the rest is these passes, run as several PyTorch kernels each, every one reading and writing a whole
+[tokens, width] tensor. Here each pass, forward or backward, is one kernel that reads its inputs once and writes its
+outputs once. The kernels round where model.py's
 PyTorch code rounds (to the inputs' dtype after each operation), so the two paths agree to float32 summation order.
 
 `runs_on(x)` says whether they run for x (a CUDA tensor, with Triton); model.py calls them behind it, and everywhere
