@@ -9,11 +9,10 @@ absmax codes. `per_token_ms` sums a layer's groups times the preset's layers: th
     python benchmarks/bench_nf4_matmul.py --preset llama-2-7b --rows 1,3,24 --out nf4.json     # on a GPU
 """
 import argparse
-import sys
 
 import torch
 
-from common import GIB, log, model_config, print_table, write_json
+from common import GIB, finish, log, model_config
 
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
           "down": ("down_proj",)}
@@ -87,11 +86,8 @@ def main():
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,
                                      "per_token_ms": cfg.num_hidden_layers * sum(r["us"] for r in done) / 1000})
-    print_table(rows_out, ["impl", "group", "rows", "n", "k", "us", "gb_per_s", "per_token_ms", "config"])
-    if args.out:
-        write_json(args.out, rows_out, "cuda", benchmark="nf4_matmul", settings=vars(args))
-    if any("error" in r for r in rows_out):
-        sys.exit(1)
+    finish(rows_out, ["impl", "group", "rows", "n", "k", "us", "gb_per_s", "per_token_ms", "config"], args.out, "cuda",
+           benchmark="nf4_matmul", settings=vars(args))
 
 
 if __name__ == "__main__":

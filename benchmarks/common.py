@@ -301,7 +301,8 @@ def environment(device) -> dict:
     """The card and software a result came from; every JSON file carries it."""
     env = {"device": str(device), "python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda, "transformers": version("transformers"), "peft": version("peft"),
-           "bitsandbytes": version("bitsandbytes"), "git": git_revision(), "host": platform.node(), "argv": sys.argv}
+           "bitsandbytes": version("bitsandbytes"), "triton": version("triton"), "git": git_revision(),
+           "host": platform.node(), "argv": sys.argv}
     if torch.device(device).type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1),
@@ -339,15 +340,21 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     sys.stdout.flush()
 
 
-def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark: str, **settings) -> None:
-    """Print the table, write the JSON (to --out or WORKDIR/bench_<benchmark>.json), exit 1 if a row failed."""
+def finish(rows: list[dict], columns: list[str], out: str | Path | None, device, **extra) -> None:
+    """Print the table, write the JSON to out (with extra keys, see write_json) if given, exit 1 if a row failed."""
     print_table(rows, columns)
-    name = "random NF4, no checkpoint" if isinstance(model_dir, ModelConfig) else Path(model_dir).name
-    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers, **settings)
-    write_json(args.out or f"{args.workdir}/bench_{benchmark}.json", rows, args.device, benchmark=benchmark,
-               settings=settings, config=cfg.to_dict())
+    if out:
+        write_json(out, rows, device, **extra)
     if any("error" in r for r in rows):
         raise SystemExit(1)
+
+
+def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark: str, **settings) -> None:
+    """finish() for the model benchmarks: JSON to --out or WORKDIR/bench_<benchmark>.json, with the settings."""
+    name = "random NF4, no checkpoint" if isinstance(model_dir, ModelConfig) else Path(model_dir).name
+    settings = dict(vars(args), model=name, num_layers=cfg.num_hidden_layers, **settings)
+    finish(rows, columns, args.out or f"{args.workdir}/bench_{benchmark}.json", args.device, benchmark=benchmark,
+           settings=settings, config=cfg.to_dict())
 
 
 def add_ratios(rows: list[dict], keys: list[str], match: tuple = (), ours: str = "ours") -> None:

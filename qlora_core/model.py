@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .kernels import norm_rope_silu as fused
 from .kernels.dropout import seeded as seeded_dropout
 from .lora import project
 from .util import QLoRAError, rng_restored, rng_state
@@ -104,7 +105,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        norm = fused.RMSNorm if fused.runs_on(x) else RMSNormFunction
+        return norm.apply(x, self.weight, self.eps)
 
 
 class SiluMul(torch.autograd.Function):
@@ -172,8 +174,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         b, t, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        q = apply_rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(b, t, self.n_kv, self.head_dim), cos, sin)
+        rope = fused.Rope.apply if fused.runs_on(x) else apply_rope
+        q = rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = rope(k.view(b, t, self.n_kv, self.head_dim), cos, sin)
         v = v.view(b, t, self.n_kv, self.head_dim)
         if isinstance(mask, Packed):
             y = packed_attention(q[0], k[0], v[0].contiguous(), mask)
@@ -211,7 +214,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return project(SiluMul.apply(gate, up), self.down_proj)[0]
+        silu_mul = fused.SiluMul if fused.runs_on(x) else SiluMul
+        return project(silu_mul.apply(gate, up), self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):

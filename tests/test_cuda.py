@@ -15,9 +15,13 @@ from safetensors.torch import load_file
 from conftest import script, write_checkpoint
 from qlora_core import load_model
 from qlora_core.builtin import NAME as BUILTIN_NAME, builtin_model_dir
+from qlora_core.config import PRESETS
 from qlora_core.generate import generate
+from qlora_core.kernels import norm_rope_silu as fused
 from qlora_core.lora import add_lora
+from qlora_core.model import RMSNormFunction, SiluMul, apply_rope, rope_cos_sin, rope_inv_freq
 from qlora_core.quant import is_4bit, storage_bytes
+from test_fused_elementwise import both_ways, columns
 from test_trainer import sigterm_after
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
@@ -418,3 +422,63 @@ def test_cuda_graph_steps_equal_the_eager_steps(tmp_path, dropout):
     # On an H200 the eager step repeated itself exactly, and padded shapes (other GEMM tilings in bf16) moved the
     # three Adam updates by 4-5%: Adam turns the gradients' bf16 rounding into whole-sized updates where they are small
     assert err <= max(3 * spread, 0.1)
+
+
+def test_fused_rms_norm_matches_pytorch_on_cuda():
+    """2048 tokens of the 7B's hidden size in bf16, the weight trained and frozen: within one bf16 rounding."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = torch.randn(1, 2048, 4096, generator=gen, device="cuda").to(torch.bfloat16).requires_grad_()
+    for trains in (True, False):
+        w = (1 + 0.1 * torch.randn(4096, generator=gen, device="cuda")).to(torch.bfloat16).requires_grad_(trains)
+        both_ways(lambda x, w: fused.RMSNorm.apply(x, w, 1e-5), lambda x, w: RMSNormFunction.apply(x, w, 1e-5),
+                  [x, w], f"RMSNorm, weight trains {trains}")
+
+
+def test_fused_silu_mul_matches_pytorch_on_cuda():
+    """gate and up of the 7B's MLP as column slices of one [1, 2048, 2 x 11008] projection output, in bf16."""
+    gen = torch.Generator("cuda").manual_seed(1)
+    wide = (2 * torch.randn(1, 2048, 2 * 11008, generator=gen, device="cuda")).to(torch.bfloat16)
+    gate, up = (part.requires_grad_() for part in wide.split(11008, dim=-1))
+    both_ways(fused.SiluMul.apply, SiluMul.apply, [gate, up], "SiluMul")
+
+
+@pytest.mark.parametrize("heads", [32, 8])
+def test_fused_rope_matches_pytorch_on_cuda(heads):
+    """q (32 heads) and grouped-query k (8 heads) of head_dim 128 as views of a projection output, 2048 packed
+    tokens whose positions restart at each record, the 7B's frequencies, in bf16."""
+    gen = torch.Generator("cuda").manual_seed(2)
+    positions = torch.cat([torch.arange(n, device="cuda") for n in (700, 1000, 348)])[None]
+    cos, sin = rope_cos_sin(rope_inv_freq(PRESETS["llama-2-7b"]).cuda(), positions, torch.bfloat16)
+    x = columns(1, 2048, heads * 128, dtype=torch.bfloat16, gen=gen, pad=2048).view(1, 2048, heads, 128)
+    both_ways(fused.Rope.apply, apply_rope, [x.requires_grad_(), cos, sin], f"rope, {heads} heads")
+
+
+def test_fused_elementwise_kernels_replay_in_a_cuda_graph():
+    """The three kernels, forward and backward, captured in a CUDA graph and replayed on new inputs give what they
+    give eagerly on those inputs: no host synchronisation, no allocation that depends on values."""
+    gen = torch.Generator("cuda").manual_seed(3)
+    w = torch.ones(512, dtype=torch.bfloat16, device="cuda")
+    inv_freq = 1.0 / 10000 ** (torch.arange(0, 64, 2, device="cuda").float() / 64)
+    cos, sin = rope_cos_sin(inv_freq, torch.arange(256, device="cuda")[None], torch.bfloat16)
+
+    def step(x):
+        x = x.detach().requires_grad_()
+        h = fused.RMSNorm.apply(x, w, 1e-5)
+        q = fused.Rope.apply(h.view(1, 256, 8, 64), cos, sin).view(1, 256, 512)
+        y = fused.SiluMul.apply(q, h)
+        return y.detach(), torch.autograd.grad(y, x, torch.ones_like(y))[0]
+
+    static_x = torch.randn(1, 256, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(static_x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_x)
+    new_x = torch.randn(1, 256, 512, generator=gen, device="cuda").to(torch.bfloat16)
+    static_x.copy_(new_x)
+    graph.replay()
+    for replayed, eager in zip(static_out, step(new_x)):
+        assert torch.equal(replayed, eager)
