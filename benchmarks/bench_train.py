@@ -146,8 +146,8 @@ def profile_step(step, path: str) -> None:
     table = prof.key_averages()
     sort_gpu = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     text = table.table(sort_by=sort_gpu, row_limit=25) + "\n" + table.table(sort_by="self_cpu_time_total", row_limit=25)
-    with open(path, "w") as f:
-        f.write(text)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
     log(f"profile written to {path}")
 
 
@@ -202,7 +202,7 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
     else:
         model, params, optimizer = load_hf(model_dir, device, args, fp32_cast=True)
     weights_gib = allocated_gib(device)
-    it, losses, shapes, seen = iter(steps), [], [], []
+    losses, shapes, seen = [], [], []
 
     def step(records=None):
         records = records or next(it)
@@ -222,6 +222,9 @@ def run_adl(impl: str, model_dir, device, args, steps) -> dict:
 
     reset_peak(device)
     warmup = args.warmup_steps if impl == "ours" else min(args.warmup_steps, args.hf_warmup_steps)
+    # A side with fewer warm-up steps warms up on the first ones and then skips to the steps every side times:
+    # the same records (their token counts differ from step to step), and first_loss is step 0's on all sides.
+    it = iter(steps[:warmup] + steps[args.warmup_steps:])
     timing = measure(step, warmup, args.steps, device)
     tokens = sum(len(ids) for records in seen[warmup:] for ids, _ in records) / args.steps
     peak = peak_gib(device)
