@@ -161,8 +161,9 @@ def spread(batches: list, n_prompts: int) -> list:
     return batches
 
 
-def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dict]:
-    """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation."""
+def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list, save) -> None:
+    """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation, appended to
+    rows; save() after each."""
     from qlora_core.generate import length_batches
     log(f"{impl}: loading")
     with cuda_timer(device) as load_t:
@@ -171,7 +172,6 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dic
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
     modes = [("greedy", 1, 1, [[p] for p in single]), ("beam3", 1, 3, [[p] for p in single]),
              ("job", args.batch_size, 3, spread(batches, args.hf_job_prompts) if hf else batches)]
-    rows = []
     for mode, batch, beams, work in modes:
         if mode not in args.modes.split(","):
             continue
@@ -197,24 +197,28 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list) -> list[dic
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
                      **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
         log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
+        save()
     del model, gen
-    return rows
 
 
 def adl_workload(args, impls, cfg, model_dir):
     prompts = adl_prompts(args.lengths, args.single_prompts + args.job_prompts, cfg.vocab_size, args.seed)
     single, job = prompts[:args.single_prompts], prompts[args.single_prompts:]
     rows = []
+
+    def save():  # what is done so far survives a run cut short
+        if args.out:
+            write_json(args.out, rows, args.device, benchmark="decode", partial=True)
+
     for impl in impls:
         free_memory(args.device)
         try:
-            rows += adl_impl(impl, model_dir, args.device, args, single, job)
+            adl_impl(impl, model_dir, args.device, args, single, job, rows, save)
         except Exception as e:
             log(f"{impl}: failed: {type(e).__name__}: {e}")
             rows.append({"impl": impl, "error": f"{type(e).__name__}: {e}"})
+            save()
         free_memory(args.device)
-        if args.out:  # what is done so far survives a run cut short
-            write_json(args.out, rows, args.device, benchmark="decode", partial=True)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
     report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
                         "job_seconds", "peak_alloc_gib", "cold_s", "load_s", "ours/new_tokens_per_s",
