@@ -2,10 +2,12 @@
 runs, and how the scale results are merged."""
 import json
 import sys
+from types import SimpleNamespace
 
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_generate  # noqa: E402
 from bench_generate import spread  # noqa: E402
 from scale_results import merge  # noqa: E402
 
@@ -18,6 +20,28 @@ def test_spread_takes_the_fewest_evenly_spaced_batches_that_hold_enough_prompts(
     short = [batches[0], ["x", "y"]]  # the one middle batch is the short last one: take both
     assert spread(short, 8) == short
     assert spread(batches, 10_000) == batches
+
+
+def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
+    """The HF side times a spread of the job's batches, which leaves out the first, longest one; its peak memory
+    must still include that batch, or the job's memory comparison would favour HF."""
+    calls = []
+
+    def fake_load(impl, model_dir, device, args):
+        def gen(prompts, num_beams=1):
+            calls.append((impl, [len(p) for p in prompts]))
+            return [[0] * args.new_tokens for _ in prompts]
+        return object(), gen
+
+    monkeypatch.setattr(bench_generate, "load", fake_load)
+    job = [[1] * n for n in range(10, 74)]  # 64 prompts, the longest 73 tokens
+    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2)
+    for impl in ("ours", "hf"):
+        rows = []
+        bench_generate.adl_impl(impl, None, "cpu", args, [], job, rows, lambda: None)
+        runs = [lengths for i, lengths in calls if i == impl]
+        assert rows[0]["prompts"] == (64 if impl == "ours" else 16)
+        assert any(max(lengths) == 73 for lengths in runs) and max(runs[-1]) == (73 if impl == "hf" else 17)
 
 
 def test_scale_rows_keep_their_preset(tmp_path):
