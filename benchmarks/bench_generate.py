@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, log, measure,
-                    peak_gib, report, reset_peak, setup, write_json)
+from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
+                    measure, peak_gib, report, reset_peak, setup, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -200,6 +200,12 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
                      **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
         log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
+        if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
+            first = work[0]
+            with cuda_timer(device) as t:
+                gen(first, beams)
+            rows[-1].update(gpu_busy(lambda: gen(first, beams), t["s"], device,
+                                     table=f"{args.profile}/profile_{impl}_{mode}.txt"))
         save()
     del model, gen
 
@@ -224,7 +230,7 @@ def adl_workload(args, impls, cfg, model_dir):
         free_memory(args.device)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
     report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
-                        "job_seconds", "peak_alloc_gib", "cold_s", "load_s", "ours/new_tokens_per_s",
+                        "job_seconds", "peak_alloc_gib", "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s",
                         "ours/peak_alloc_gib"], cfg, model_dir, "decode",
            prompt_lengths=[len(p) for p in prompts])
 
@@ -244,6 +250,8 @@ def main():
     ap.add_argument("--single-prompts", type=int, default=8, help="adl: prompts of the batch-1 modes")
     ap.add_argument("--job-prompts", type=int, default=250, help="adl: prompts of the job")
     ap.add_argument("--batch-size", type=int, default=8, help="adl: the job's batch size (infer.py's default)")
+    ap.add_argument("--profile", metavar="DIR", help="adl, on a GPU: also profile each mode's first batch once "
+                    "more (gpu_busy in its row, the busiest kernels in DIR/profile_IMPL_MODE.txt)")
     ap.add_argument("--hf-job-prompts", type=int, default=48,
                     help="adl: HF runs whole job batches holding at least this many prompts; its rate is extrapolated "
                     "(default: %(default)s)")

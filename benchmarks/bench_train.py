@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy,
-                    load_source, log, measure, peak_gib, report, reset_peak, setup)
+                    load_source, log, measure, peak_gib, profile_table, report, reset_peak, setup)
 
 from qlora_core import distributed  # after common, which puts the repo on sys.path
 from qlora_core.data import IGNORE_INDEX, collate
@@ -143,12 +143,7 @@ def profile_step(step, path: str) -> None:
         step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    table = prof.key_averages()
-    sort_gpu = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    text = table.table(sort_by=sort_gpu, row_limit=25) + "\n" + table.table(sort_by="self_cpu_time_total", row_limit=25)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-    log(f"profile written to {path}")
+    profile_table(prof, path)
 
 
 def run_one(impl: str, model_dir, device, args, batches) -> dict:

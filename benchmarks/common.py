@@ -211,9 +211,20 @@ def measure(fn, warmup: int, iters: int, device) -> dict:
     return {"times_s": times, "median_s": statistics.median(times), "min_s": min(times)}
 
 
-def gpu_busy(fn, step_s: float, device) -> dict:
+def profile_table(prof, path: str | Path) -> None:
+    """A finished torch.profiler's busiest operators, by device time (host time without a GPU) and by host time, as
+    two tables in a text file."""
+    table = prof.key_averages()
+    by_device = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(table.table(sort_by=by_device, row_limit=25) + "\n"
+                          + table.table(sort_by="self_cpu_time_total", row_limit=25))
+    log(f"profile written to {path}")
+
+
+def gpu_busy(fn, step_s: float, device, table: str | Path | None = None) -> dict:
     """{"gpu_busy": the seconds the GPU spends executing kernels and copies in one more call of fn, over step_s},
-    with step_s the median wall time of the timed (unprofiled) calls.
+    with step_s the median wall time of the timed (unprofiled) calls; with `table`, that call's profile_table too.
 
     The busy time is the union of the device activity intervals that torch.profiler records in that call (kernels
     inside CUDA graph replays included); the profiler slows the host, not the device, so its own wall time is not
@@ -229,6 +240,8 @@ def gpu_busy(fn, step_s: float, device) -> dict:
             torch.cuda.synchronize(device)
         spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                        if e.device_type == DeviceType.CUDA)
+        if table:
+            profile_table(prof, table)
     except Exception as e:  # noqa: BLE001 - the timed numbers stand without it
         log(f"gpu_busy: profiler failed: {type(e).__name__}: {e}")
         return {"gpu_busy": None, "gpu_busy_error": f"{type(e).__name__}: {e}"}
