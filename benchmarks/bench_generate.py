@@ -16,9 +16,9 @@ Llama-2 prompt lengths (`--lengths`, first column), random tokens, 64 new tokens
 new tokens/s = prompts x new tokens / seconds. Both sides run the same `--single-prompts` prompts at batch 1. The HF
 side is slow, so of the job it runs whole batches spread evenly over it, holding at least `--hf-job-prompts` (48)
 prompts; its job row says `prompts` and `extrapolated: true` when that is fewer than ours. Its peak memory also
-covers the job's longest batch (length_batches puts it first), run once more after the timed part, untimed. Every implementation runs
-each mode's work once untimed first, then once timed (`cold_s` is the untimed run: kernel autotuning, graph capture,
-allocator and library warm-up).
+covers the job's longest batch (length_batches puts it first), run once more after the timed part, untimed. Every
+implementation runs each mode's work once untimed first, then once timed (`cold_s` is the untimed run: kernel
+autotuning, graph capture, allocator and library warm-up).
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU

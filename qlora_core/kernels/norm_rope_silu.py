@@ -3,9 +3,9 @@
 At Llama-2-7B's and 13B's shapes an H200 spends about 0.65 s of device time a step where the GEMMs need 0.29 s;
 much of the rest is these passes, run as several PyTorch kernels each, every one reading and writing a whole
 [tokens, width] tensor. Here each pass, forward or backward, is one kernel that reads its inputs once and writes its
-outputs once. The kernels round where model.py's
-PyTorch code rounds (to the inputs' dtype after each operation). On an H200 in bf16 the two paths still differ by one
-bf16 step at a few elements of rotary's output; the tests hold both to a float32 reference instead.
+outputs once. The kernels round where model.py's PyTorch code rounds (to the inputs' dtype after each operation).
+On an H200 in bf16 the two paths still differ by one bf16 step at a few elements of rotary's output; the tests hold
+both to a float32 reference instead.
 
 `runs_on(x)` says whether they run for x (a CUDA tensor, with Triton); model.py calls them behind it, and everywhere
 else its own PyTorch code runs unchanged. They allocate by shape alone and never read device values on the host, so
