@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .kernels.dropout import dropped as seeded_draws, dropped_sum as seeded_sum, seeded as seeded_dropout
+from .kernels.dropout import down as seeded_down, down_backward as seeded_down_backward, seeded as seeded_dropout
 from .kernels.nf4_dequant import dequantize_nf4
 from .quant import PROJECTIONS, dense_weight, is_4bit, storage_bytes
 from .util import QLoRAError, log, read_json_object
@@ -110,77 +110,88 @@ def base_weights(layers, dtype: torch.dtype, device) -> torch.Tensor:
     return w
 
 
-def dropped(x2: torch.Tensor, layers, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each layer's dropout draw of x2 [rows, in] as [n, rows, in], and the masks where backward needs them kept.
+def adapters_down(x2: torch.Tensor, a: torch.Tensor, p: float, site: int) -> tuple[torch.Tensor, tuple]:
+    """h [rows, n r], block i = dropout_i(x2) @ a[i]^T for a [n, r, in], and what `adapters_down_backward` needs.
 
-    On CUDA the masks come from the seed in device memory and the first layer's site (kernels/dropout.py), so
-    backward draws them again instead of keeping them (None). On the CPU they come from torch's RNG and are kept.
-    With p = 0 there is no mask and no copy.
+    Without dropout (p = 0) it is one matmul with the stacked A. On CUDA the masks come from the seed in device
+    memory and layer i's site (kernels/dropout.py), fused with the product: backward draws them again from x2. On
+    the CPU they come from torch's RNG, and the dropped copies and masks are kept.
     """
-    n = len(layers)
+    n, r, cols = a.shape
     if p == 0:
-        return x2.expand(n, *x2.shape), None
+        return x2 @ a.reshape(n * r, cols).t(), (x2,)
     if seeded_dropout(x2):
-        return seeded_draws(x2, n, p, layers[0].dropout_site), None
-    return torch.native_dropout(x2.expand(n, *x2.shape), p, True)
+        return seeded_down(x2, a, p, site), (x2,)
+    xs, mask = torch.native_dropout(x2.expand(n, *x2.shape), p, True)
+    h = torch.bmm(xs, a.transpose(1, 2))  # [n, rows, r]
+    return h.transpose(0, 1).reshape(x2.shape[0], n * r), (xs, mask)
+
+
+def adapters_down_backward(saved: tuple, dh: torch.Tensor, a: torch.Tensor, p: float, site: int,
+                           dx: torch.Tensor | None) -> torch.Tensor:
+    """The gradient of a [n, r, in] (float32) from dh, the gradient of `adapters_down`'s h; with dx given, also
+    dx += the gradient of x2 through the adapters, in place."""
+    n, r, cols = a.shape
+    if p == 0:
+        (x2,) = saved
+        if dx is not None:
+            dx.addmm_(dh, a.reshape(n * r, cols))
+        return (dh.t() @ x2).float().view(n, r, cols)
+    if seeded_dropout(dh):
+        return seeded_down_backward(saved[0], dh, a, p, site, dx)
+    xs, mask = saved
+    dhs = dh.view(-1, n, r).transpose(0, 1)  # [n, rows, r]
+    if dx is not None:
+        dx += (torch.bmm(dhs, a) * mask / (1 - p)).sum(0)
+    return torch.bmm(dhs.transpose(1, 2), xs).float()
 
 
 class LoRAProjection(torch.autograd.Function):
     """y = x W^T + b + [s_i * dropout_i(x) A_i^T B_i^T for each layer i], concatenated over the layers.
 
     Each layer draws its own dropout mask, as separate LoRA modules would. Only A and B get gradients; the
-    base weights are dequantized again in backward instead of being kept. On CUDA so are the dropout draws, from
-    the same seed and sites: backward keeps x alone, not the masks and the dropped copies (at the 7B shape with
-    dropout, 59 KiB a token less for a decoder layer's four groups), and nothing reads or restores the RNG state, so
-    forward and backward can be captured in a CUDA graph.
+    base weights are dequantized again in backward instead of being kept. The adapters' up products are one matmul
+    with the block-diagonal matrix of the s_i B_i, and the bases' matmul adds into its result. On CUDA the dropout
+    draws are fused into the adapters' down products and drawn again in backward from the same seed and sites:
+    backward keeps x alone, not the masks and the dropped copies (at the 7B shape with dropout, 59 KiB a token less
+    for a decoder layer's four groups), and nothing reads or restores the RNG state, so forward and backward can be
+    captured in a CUDA graph.
     """
 
     @staticmethod
     def forward(ctx, x, layers, *lora_weights):
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])
-        w = base_weights(layers, dtype, x.device)
-        y = x2 @ w.t()
+        a = torch.stack(lora_weights[0::2]).to(dtype)  # [n, r, in]
+        bb = torch.block_diag(*[b.to(dtype) * m.scaling for b, m in zip(lora_weights[1::2], layers)])  # [out, n r]
+        p = layers[0].lora_dropout.p if layers[0].training else 0.0
+        h, saved = adapters_down(x2, a, p, layers[0].dropout_site)
+        y = h @ bb.t()
+        y.addmm_(x2, base_weights(layers, dtype, x.device).t())
         if layers[0].base_layer.bias is not None:
             y += torch.cat([m.base_layer.bias.to(dtype) for m in layers])
-        a = torch.stack(lora_weights[0::2]).to(dtype)  # [n, r, in]
-        b = [t.to(dtype) for t in lora_weights[1::2]]  # each [out_i, r]
-        p = layers[0].lora_dropout.p if layers[0].training else 0.0
-        xs, mask = dropped(x2, layers, p)
-        h = torch.bmm(xs, a.transpose(1, 2))  # [n, rows, r]
-        for i, (part, m) in enumerate(zip(y.split([t.shape[0] for t in b], dim=1), layers)):
-            part.addmm_(h[i], b[i].t(), alpha=m.scaling)
-        ctx.layers, ctx.p = layers, p
-        redraw = p > 0 and mask is None
-        ctx.save_for_backward(x2 if redraw else xs, mask, h, a, *b)
-        ctx.redraw = redraw
+        ctx.layers, ctx.p, ctx.n_saved = layers, p, len(saved)
+        ctx.save_for_backward(*saved, h, a, bb)
         return y.view(*shape[:-1], -1)
 
     @staticmethod
     def backward(ctx, dy):
-        xs, mask, h, a, *b = ctx.saved_tensors
+        *saved, h, a, bb = ctx.saved_tensors
         layers, p = ctx.layers, ctx.p
-        site = layers[0].dropout_site
-        if ctx.redraw:  # xs is x: draw the forward's dropout again from the same seed and site
-            xs = seeded_draws(xs, len(layers), p, site)
+        n, r, _ = a.shape
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dy_parts = dy2.split([t.shape[0] for t in b], dim=1)
-        scales = [m.scaling for m in layers]
-        dh = torch.stack([d @ bi * s for d, bi, s in zip(dy_parts, b, scales)])  # [n, rows, r]
-        da = torch.bmm(dh.transpose(1, 2), xs)  # [n, r, in]
-        grads = []
-        for i, s in enumerate(scales):
-            grads += [da[i].float(), (dy_parts[i].t() @ h[i] * s).float()]
+        dh = dy2 @ bb  # [rows, n r]
+        dbb = dy2.t() @ h  # [out, n r]: block i is the gradient of s_i B_i
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ base_weights(layers, dy2.dtype, dy2.device)
-            lora_dx = torch.bmm(dh, a)  # [n, rows, in]
-            if ctx.redraw:
-                seeded_sum(lora_dx, p, site, out=dx)
-            elif mask is not None:
-                dx += (lora_dx * mask / (1 - p)).sum(0)
-            else:
-                dx += lora_dx.sum(0)
+        da = adapters_down_backward(saved, dh, a, p, layers[0].dropout_site, dx)
+        grads, start = [], 0
+        for i, m in enumerate(layers):
+            out = m.base_layer.out_features
+            grads += [da[i], (dbb[start:start + out, i * r:(i + 1) * r] * m.scaling).float()]
+            start += out
+        if dx is not None:
             dx = dx.view(*dy.shape[:-1], -1)
         return dx, None, *grads
 

@@ -295,26 +295,33 @@ def test_offloaded_checkpoints_on_cuda_give_the_gradients_of_plain_checkpointing
 
 def test_seeded_dropout_draws_one_mask_per_seed_and_site():
     """kernels/dropout.py: x * mask / (1 - p) with a 0/1 mask kept at rate 1 - p, the same for the same seed and
-    site, another for another site or seed; dropped_sum adds the masked gradients of the same masks."""
+    site, another for another site or seed; down and down_backward use the same masks (float64 formulas at 7B's
+    q/k/v shape, 300 rows)."""
     from qlora_core.kernels import dropout
-    x = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
     dropout.reseed("cuda")
-    a, b = dropout.dropped(x, 2, 0.3, site=7), dropout.dropped(x, 2, 0.3, site=7)
+    a, b = dropout.dropped(x, 3, 0.3, site=7), dropout.dropped(x, 3, 0.3, site=7)
     assert torch.equal(a, b)
-    mask = dropout.dropped(torch.ones_like(x), 2, 0.3, site=7).float() * 0.7
+    mask = dropout.dropped(torch.ones_like(x), 3, 0.3, site=7).double() * 0.7
     assert torch.equal(mask.round(), mask.round().clamp(0, 1)) and ((mask - mask.round()).abs() < 1e-2).all()
     mask = mask.round()
     assert abs(mask.mean().item() - 0.7) < 0.01 and not torch.equal(mask[0], mask[1])
-    ref = (x.float() * mask / 0.7).to(torch.bfloat16)
+    ref = (x.double() * mask / 0.7).to(torch.bfloat16)
     assert (a.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
-    assert not torch.equal(dropout.dropped(x, 1, 0.3, site=8)[0], a[0])
-    g = torch.randn(2, 300, 520, device="cuda", dtype=torch.bfloat16)
-    out = torch.randn(300, 520, device="cuda", dtype=torch.bfloat16)
-    want = out.float() + (g.float() * mask / 0.7).sum(0)
-    dropout.dropped_sum(g, 0.3, 7, out)
-    assert (out.float() - want).norm() <= 1e-2 * want.norm()
+    assert not torch.equal(dropout.dropped(x, 1, 0.3, site=11)[0], a[0])
+    A = torch.randn(3, 4, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    dh = torch.randn(300, 12, device="cuda", dtype=torch.bfloat16)
+    dx = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
+    xs, dhs = x.double() * mask / 0.7, dh.double().view(300, 3, 4).transpose(0, 1)
+    want_h = torch.bmm(xs, A.double().transpose(1, 2)).transpose(0, 1).reshape(300, 12)
+    want_da = torch.bmm(dhs.transpose(1, 2), xs)
+    want_dx = dx.double() + (torch.bmm(dhs, A.double()) * mask / 0.7).sum(0)
+    got_dx = dx.clone()
+    got_da = dropout.down_backward(x, dh, A, 0.3, 7, got_dx)
+    for got, want in ((dropout.down(x, A, 0.3, 7), want_h), (got_da, want_da), (got_dx, want_dx)):
+        assert (got.double() - want).norm() <= 1e-2 * want.norm()
     dropout.reseed("cuda")
-    assert not torch.equal(dropout.dropped(x, 2, 0.3, site=7), a)
+    assert not torch.equal(dropout.dropped(x, 3, 0.3, site=7), a)
 
 
 def test_grouped_projection_on_cuda_draws_its_masks_again_in_backward():
