@@ -45,7 +45,8 @@ class MemoryProfile:
         torch.cuda.synchronize()
         self.start = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+        # sizes and order alone, no stacks: with stacks, torch 2.11 failed inside cross_entropy at the 70B shape
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, context=None)
         return self
 
     def __exit__(self, *exc):
