@@ -73,9 +73,11 @@ class GraphedDecodeStep:
     afterwards, so it must be built after the cache is installed and before the prefill. Inputs are copied into the
     graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call. The graph
     reads the model's weights and KV cache where they were at capture: DecodeState keeps both in place between calls.
+    Its scratch memory comes from `pool`, which the steps of one DecodeState share: they never run at once, and each
+    keeps its own logits alive, so no step's output lands in another's scratch.
     """
 
-    def __init__(self, model, rows: int, cache_len: int, device):
+    def __init__(self, model, rows: int, cache_len: int, device, pool=None):
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
@@ -86,7 +88,7 @@ class GraphedDecodeStep:
                 decode_one_token(model, self.token, self.input_pos, self.mask)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.logits = decode_one_token(model, self.token, self.input_pos, self.mask)
 
     def __call__(self, model, token, input_pos, mask):
@@ -103,8 +105,9 @@ class DecodeState:
     Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache of each row count is
     one buffer [rows, layers, 2 (k, v), kv_heads, slots, head_dim] of the longest length seen; every layer's k and v
     are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
-    same memory, and beam search reorders all layers' rows in one gather. A model whose projection modules change
-    (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
+    same memory, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch
+    memory from one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
+    model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
     """
 
     def __init__(self, model):
@@ -112,6 +115,8 @@ class DecodeState:
         self.groups = projection_groups(model)
         self.caches: dict[int, torch.Tensor] = {}
         self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+        self.pool = None
+        """The captured steps' shared memory pool, made at the first capture."""
         self.installed: torch.Tensor | None = None
         """The part of a buffer that the model's caches view during the current call."""
 
@@ -146,7 +151,9 @@ class DecodeState:
     def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:
         key = (rows, cache_len)
         if key not in self.steps:
-            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device)
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device, self.pool)
         return self.steps[key]
 
 

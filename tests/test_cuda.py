@@ -270,6 +270,25 @@ def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
     gen.release_decode_state(model)
 
 
+def test_decode_graphs_of_one_model_share_their_scratch_memory(tmp_path):
+    """Captured decode steps of several cache-length buckets draw on one memory pool: after the longest bucket's
+    capture, shorter buckets' captures reserve (almost) no more memory, where a private pool each would reserve at
+    least one 2 MiB segment apiece. Their tokens still equal eager decoding."""
+    import qlora_core.generate as gen
+    model = small_nf4_lora_model(tmp_path, torch.bfloat16)
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9)]
+    reserved = []
+    for new_tokens in (250, 180, 120, 60):  # buckets 256, 192, 128, 64 slots: four captures, the longest first
+        graphed = generate(model, prompts, new_tokens, num_beams=3, cuda_graph=True)
+        assert graphed == generate(model, prompts, new_tokens, num_beams=3, cuda_graph=False)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())  # eager decoding's own memory is reserved by now too
+    assert len(gen.decode_state(model).steps) == 4
+    grown = reserved[-1] - reserved[0]
+    assert grown < 2 * 2 ** 20, f"three more captures reserved {grown / 2 ** 20:.1f} MiB"
+    gen.release_decode_state(model)
+
+
 def test_offloaded_checkpoints_on_cuda_give_the_gradients_of_plain_checkpointing(tmp_path):
     """Layer inputs kept in pinned host memory (copied on a side stream), NF4 + bf16, packed, dropout 0.1: the same
     gradients as gradient checkpointing that keeps them on the GPU, and the same RNG state after."""
