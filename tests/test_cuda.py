@@ -278,7 +278,7 @@ def test_decode_graphs_of_one_model_share_their_scratch_memory(tmp_path):
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9)]
     reserved = []
-    for new_tokens in (250, 180, 120, 60):  # buckets 256, 192, 128, 64 slots: four captures, the longest first
+    for new_tokens in (200, 150, 100, 40):  # buckets 256, 192, 128, 64 slots: four captures, the longest first
         graphed = generate(model, prompts, new_tokens, num_beams=3, cuda_graph=True)
         assert graphed == generate(model, prompts, new_tokens, num_beams=3, cuda_graph=False)
         torch.cuda.synchronize()
