@@ -371,7 +371,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     model.eval()
     state = decode_state(model)
     param = next(model.parameters())
-    groups = state.groups if kernel_available(param) else []
+    groups = state.groups if param.is_cuda or kernel_available(param) else []
     try:
         with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
             if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one

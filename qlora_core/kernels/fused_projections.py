@@ -1,15 +1,21 @@
-"""The projections of a decoder layer at decode time: one NF4 kernel per group of projections that share an input.
+"""The projections of a decoder layer at decode time, by groups of projections that share an input.
 
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
-- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in), and
-- one `nf4_matmul` launch over the group's 4-bit weights with h @ B^T added in its epilogue,
-instead of a bitsandbytes call and four LoRA kernels per projection. The model's code is unchanged: while
+- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype),
+  and then
+- with the NF4 kernel on (QLORA_NF4_KERNEL=1): one `nf4_matmul` launch over the group's 4-bit weights with h @ B^T
+  added in its epilogue;
+- otherwise: bitsandbytes' 4-bit matmul for each member, and h's columns of that member @ B^T added in place by one
+  addmm (B kept in the compute dtype),
+instead of a bitsandbytes call and six kernels of LoRA per projection (casting A and B, two matmuls, the scaling,
+the sum). The model's code is unchanged: while
 `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first member of a
 group called with an input computes the whole group and keeps the other members' outputs for their calls with the
 same input tensor. Calls the kernel cannot take (many rows, training, CPU) run the layer's own forward.
 """
 from contextlib import contextmanager
 
+import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 
@@ -44,6 +50,8 @@ class ProjectionGroup:
         self.ranks = [lora.lora_A.weight.shape[0] if lora is not None else 0 for lora in self.loras]
         self.a = None
         """alpha/r * A of every member stacked [sum r, in], in the compute dtype; rewritten in place by refresh."""
+        self.b = [None] * len(modules)
+        """Each member's B [out, r] in the compute dtype (None without an adapter), for the bitsandbytes path."""
         self.pending = None
         """(input, {member index: output}) of the members not yet called with that input."""
 
@@ -52,14 +60,20 @@ class ProjectionGroup:
         return all(w is not None for w in self.weights)
 
     def refresh(self, dtype: torch.dtype) -> None:
-        """Copy the adapters' current A (they may have been trained or loaded since) into the stacked buffer."""
+        """Copy the adapters' current A (they may have been trained or loaded since) into the stacked buffer, and
+        their B into theirs."""
         if not any(self.ranks):
             return
         with torch.no_grad():
             stacked = torch.cat([lora.lora_A.weight * lora.scaling for lora in self.loras if lora is not None])
             if self.a is None or self.a.dtype != dtype:
                 self.a = torch.empty_like(stacked, dtype=dtype)
+                self.b = [None if lora is None else torch.empty_like(lora.lora_B.weight, dtype=dtype)
+                          for lora in self.loras]
             self.a.copy_(stacked)
+            for b, lora in zip(self.b, self.loras):
+                if lora is not None:
+                    b.copy_(lora.lora_B.weight)
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s output for x."""
@@ -69,18 +83,34 @@ class ProjectionGroup:
                 self.pending = None
             return out
         module = self.modules[index]
-        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled() or not kernel_available(x)
-                or (any(self.ranks) and self.a is None)):
+        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled()
+                or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
-        lora = None
-        if any(self.ranks):
-            h = F.linear(x, self.a.to(x.dtype))
-            lora = LoRAInputs(h, [m.lora_B.weight if m is not None else None for m in self.loras], self.ranks)
-        y = nf4_matmul(x, self.weights, lora, use_kernel=True)
-        outs = y.split([w.out_features for w in self.weights], dim=-1)
+        h = F.linear(x, self.a) if any(self.ranks) else None
+        if kernel_available(x):
+            lora = LoRAInputs(h, [m.lora_B.weight if m is not None else None for m in self.loras], self.ranks) \
+                if h is not None else None
+            y = nf4_matmul(x, self.weights, lora, use_kernel=True)
+            outs = y.split([w.out_features for w in self.weights], dim=-1)
+        else:
+            outs = self.bitsandbytes(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
+
+
+    def bitsandbytes(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each member's output through bitsandbytes' 4-bit matmul, its LoRA update h[:, cols] @ B^T added in place
+        (one addmm, accumulated in float32)."""
+        outs, start = [], 0
+        for w, b, r in zip(self.weights, self.b, self.ranks):
+            y = bnb.matmul_4bit(x, w.layer.weight.t(), quant_state=w.layer.weight.quant_state)
+            if r:
+                y2 = y.view(-1, y.shape[-1])
+                y2.addmm_(h.reshape(-1, h.shape[-1])[:, start:start + r], b.t())
+                start += r
+            outs.append(y)
+        return outs
 
 
 def projection_groups(model) -> list[ProjectionGroup]:
