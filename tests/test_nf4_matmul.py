@@ -115,18 +115,23 @@ def patch_interpreter():
 
 def check_kernel_configs():
     """Every kind of tile against the reference: FMA and dot paths, rows and columns that do not fill a tile, K not
-    a multiple of BLOCK_K, one to three segments, LoRA on some segments, an output poisoned with NaN beforehand."""
+    a multiple of BLOCK_K, one to three segments, LoRA on some segments, an output poisoned with NaN beforehand, and
+    K split in parts that do not divide it evenly, or of which some get no block at all."""
     import triton
     gen = torch.Generator().manual_seed(0)
-    cases = [  # (rows, out_features of each segment, in_features, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT)
-        (1, [48], 192, 1, 16, 128, False),
-        (3, [40, 24, 8], 320, 4, 32, 256, False),
-        (2, [33], 128, 2, 16, 64, False),
-        (5, [72, 16], 128, 16, 32, 128, True),
-        (20, [40, 24, 56], 256, 32, 16, 256, True),
+    cases = [  # (rows, out_features of each segment, in_features, BLOCK_M, BLOCK_N, BLOCK_K, USE_DOT, SPLIT_K)
+        (1, [48], 192, 1, 16, 128, False, 1),
+        (3, [40, 24, 8], 320, 4, 32, 256, False, 1),
+        (2, [33], 128, 2, 16, 64, False, 1),
+        (5, [72, 16], 128, 16, 32, 128, True, 1),
+        (20, [40, 24, 56], 256, 32, 16, 256, True, 1),
+        (1, [48], 320, 1, 16, 128, False, 4),  # 5 blocks of 64 in splits of 2: 2, 2, 1, 0
+        (3, [40, 24, 8], 320, 4, 32, 128, False, 2),
+        (2, [33], 128, 2, 16, 64, False, 8),  # 2 blocks: six of the eight splits are empty
+        (5, [72, 16], 384, 16, 32, 128, True, 4),
     ]
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
-        for rows, outs, in_f, bm, bn, bk, dot in cases:
+        for rows, outs, in_f, bm, bn, bk, dot, split in cases:
             layers = random_layers(outs, in_f, dtype, gen)
             weights = [nf4.NF4Weight.of(layer) for layer in layers]
             x = torch.randn(rows, in_f, generator=gen).to(dtype)
@@ -134,7 +139,8 @@ def check_kernel_configs():
             lora = nf4.LoRAInputs(torch.randn(rows, sum(ranks), generator=gen).to(dtype),
                                   [torch.randn(n, r, generator=gen) * 0.5 if r else None for n, r in zip(outs, ranks)],
                                   ranks)
-            config = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=dot), num_warps=4, num_stages=2)
+            config = triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=dot, SPLIT_K=split), num_warps=4,
+                                   num_stages=2)
             for with_lora in (None, lora):
                 out = torch.full((rows, sum(outs)), float("nan"), dtype=dtype)
                 with nf4.pinned_config(config):

@@ -10,6 +10,9 @@ registers, with bitsandbytes' storage as it is:
 
 One launch covers the projections that share an input (q/k/v, gate/up): each weight is a segment of the output's
 columns. A LoRA update alpha/r * B A x is added in the same kernel, from h = x (alpha/r A)^T computed before it.
+Where the rows are few, a weight's columns give too few programs to keep the card busy, so the autotuner may also
+split K (SPLIT_K): each split writes a float32 partial sum, the first with the LoRA update in it, and a second small
+kernel adds the partials and rounds them.
 `nf4_matmul` uses the kernel on CUDA for at most MAX_ROWS rows and falls back to bitsandbytes elsewhere (CPU,
 training, prefill), and loudly, once per shape, if the kernel fails or disagrees with bitsandbytes.
 """
@@ -31,6 +34,8 @@ except ImportError:  # CPU-only installs (CI): everything runs through bitsandby
 MAX_ROWS = 32
 """Most rows the kernel takes: beyond, the weight is better dequantized once and multiplied by a GEMM."""
 MAX_SEGMENTS = 3
+MAX_SPLIT_K = 8
+"""Most parts K is split into (the float32 workspace holds this many partial outputs)."""
 DOUBLE_QUANT_BLOCKSIZE = 256
 """bitsandbytes' block size for quantizing the absmax values (compress_statistics=True)."""
 
@@ -195,17 +200,23 @@ def _launch(x, weights, lora, out=None):
     seg_args = []
     for w, n, b, r, c in zip(segs, ns, bs, ranks, starts):
         seg_args += [w.packed, w.absmax, w.absmax2, w.code2, w.offset, b, n, r, c]
-    args = (x2, y, h, weights[0].lut, *seg_args, rows, in_f, x2.stride(0), y.stride(0), h.stride(0))
+    ws = torch.empty((MAX_SPLIT_K, rows, n_total), dtype=torch.float32, device=x.device)
+    args = (x2, y, h, ws, weights[0].lut, *seg_args, rows, in_f, x2.stride(0), y.stride(0), h.stride(0))
     consts = dict(NSEG=len(weights), HAS_LORA=lora is not None, W_ROUND=WEIGHT_DTYPES[weights[0].dtype],
                   IEEE=x.dtype == torch.float32)
     config = _fixed_config.get("config")
     if config is not None:  # tests pin one configuration (the interpreter cannot autotune)
-        meta = {**config.kwargs, **consts}
-        grid = (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)
+        meta = {"SPLIT_K": 1, **config.kwargs, **consts}
+        grid = (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), meta["SPLIT_K"])
         _nf4_kernel[grid](*args, **meta, num_warps=config.num_warps, num_stages=config.num_stages)
+        split = meta["SPLIT_K"]
     else:
-        grid = lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns),)  # noqa: E731
+        grid = lambda meta: (sum(triton.cdiv(n, meta["BLOCK_N"]) for n in ns), meta["SPLIT_K"])  # noqa: E731
         _nf4_kernel_tuned[grid](*args, **consts)
+        split = _nf4_kernel_tuned.best_config.kwargs["SPLIT_K"]
+    if split > 1:
+        block = min(triton.next_power_of_2(n_total), 1024)
+        _split_sum[(rows, triton.cdiv(n_total, block))](ws, y, n_total, y.stride(0), SPLIT_K=split, BLOCK=block)
     return y.view(*x.shape[:-1], n_total)
 
 
@@ -237,15 +248,18 @@ if triton is not None:
     _NO_SPECIALIZE = [name.format(i=i) for i in range(MAX_SEGMENTS) for name in _SEG[6:]] + ["M", "K"]
 
     @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-    def _nf4_kernel(x_ptr, y_ptr, h_ptr, lut_ptr,
+    def _nf4_kernel(x_ptr, y_ptr, h_ptr, ws_ptr, lut_ptr,
                     w0, am0, am2_0, c2_0, off0, b0, N0, r0, hc0,
                     w1, am1, am2_1, c2_1, off1, b1, N1, r1, hc1,
                     w2, am2, am2_2, c2_2, off2, b2, N2, r2, hc2,
                     M, K, stride_xm, stride_ym, stride_hm,
                     NSEG: tl.constexpr, HAS_LORA: tl.constexpr, W_ROUND: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
-        """One program: BLOCK_N output columns of one segment, for all M rows, over the whole of K."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
+                    SPLIT_K: tl.constexpr):
+        """One program: BLOCK_N output columns of one segment, for all M rows, over the whole of K, or over the
+        program_id(1)-th of SPLIT_K parts of it (then into the workspace, in float32)."""
         pid = tl.program_id(0)
+        split = tl.program_id(1)
         # Which segment this program's columns belong to, and that segment's tensors.
         w_ptr, am_ptr, am2_ptr, c2_ptr, off_ptr, b_ptr = w0, am0, am2_0, c2_0, off0, b0
         N, rank, hc, tile, col0 = N0, r0, hc0, pid, 0
@@ -268,13 +282,16 @@ if triton is not None:
         m_ok = rm < M
         n_ok = rn < N
         kb_total = K // 64
+        per_split = tl.cdiv(tl.cdiv(kb_total, SPLIT_K), NB) * NB           # blocks of a split, whole iterations
+        kb_lo = split * per_split
+        kb_hi = tl.minimum(kb_lo + per_split, kb_total)
         offset = tl.load(off_ptr)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if not USE_DOT:  # products summed per lane across the loop; one reduction at the end
             part = tl.zeros((BLOCK_M, BLOCK_N, NB, 32), dtype=tl.float32)
-        for kb0 in range(0, kb_total, NB):
+        for kb0 in range(kb_lo, kb_hi, NB):
             blk = kb0 + rb                                                 # [NB] block index within a row
-            b_ok = blk < kb_total
+            b_ok = blk < kb_hi
             wb_ok = n_ok[:, None] & b_ok[None, :]                          # [BN, NB]
             flat = rn[:, None].to(tl.int64) * kb_total + blk[None, :]      # block index in the whole weight
             code = tl.load(am_ptr + flat, mask=wb_ok, other=0).to(tl.int32)
@@ -309,24 +326,44 @@ if triton is not None:
         if not USE_DOT:
             acc = tl.sum(tl.sum(part, axis=3), axis=2)
         if HAS_LORA:
-            for r in range(0, rank):
-                hv = tl.load(h_ptr + rm * stride_hm + hc + r, mask=m_ok, other=0.0).to(tl.float32)
-                bv = tl.load(b_ptr + rn * rank + r, mask=n_ok, other=0.0).to(tl.float32)
-                acc += hv[:, None] * bv[None, :]
-        y_off = rm[:, None] * stride_ym + col0 + rn[None, :]
-        tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            if split == 0:
+                for r in range(0, rank):
+                    hv = tl.load(h_ptr + rm * stride_hm + hc + r, mask=m_ok, other=0.0).to(tl.float32)
+                    bv = tl.load(b_ptr + rn * rank + r, mask=n_ok, other=0.0).to(tl.float32)
+                    acc += hv[:, None] * bv[None, :]
+        out_ok = m_ok[:, None] & n_ok[None, :]
+        if SPLIT_K == 1:
+            y_off = rm[:, None] * stride_ym + col0 + rn[None, :]
+            tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        else:  # workspace [MAX_SPLIT_K, M, sum of N], contiguous
+            n_total = N0 + N1 + N2
+            ws_off = (split * M + rm[:, None]).to(tl.int64) * n_total + col0 + rn[None, :]
+            tl.store(ws_ptr + ws_off, acc, mask=out_ok)
+
+    @triton.jit
+    def _split_sum(ws_ptr, y_ptr, N, stride_ym, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        """y[row] = the sum of the SPLIT_K partial rows of the workspace, rounded to y's dtype."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = cols < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + (s * tl.num_programs(0) + row).to(tl.int64) * N + cols, mask=ok, other=0.0)
+        tl.store(y_ptr + row * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     def _configs():
-        """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, tensor-core dots (rows padded to 16 or 32) for more."""
+        """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, tensor-core dots (rows padded to 16 or 32) for more,
+        each over the whole of K or split in 4 or MAX_SPLIT_K parts."""
         out = []
-        for bm in (1, 2, 4):
-            for bn, bk, warps, stages in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 4, 2)):
-                out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False),
-                                         num_warps=warps, num_stages=stages))
-        for bm in (16, 32):
-            for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)):
-                out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True),
-                                         num_warps=warps, num_stages=stages))
+        for split in (1, 4, MAX_SPLIT_K):
+            for bm in (1, 2, 4):
+                for bn, bk, warps, stages in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 4, 2)):
+                    out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split),
+                                             num_warps=warps, num_stages=stages))
+            for bm in (16, 32):
+                for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)):
+                    out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split),
+                                             num_warps=warps, num_stages=stages))
         return out
 
     def _prune(configs, named_args, **kwargs):
