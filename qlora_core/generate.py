@@ -107,7 +107,8 @@ class DecodeState:
     are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
     same memory, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch
     memory from one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
-    model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
+    model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)`
+    frees it all.
     """
 
     def __init__(self, model):

@@ -11,15 +11,15 @@ instead of a bitsandbytes call and six kernels of LoRA per projection (casting A
 the sum). The model's code is unchanged: while
 `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first member of a
 group called with an input computes the whole group and keeps the other members' outputs for their calls with the
-same input tensor. Calls the kernel cannot take (many rows, training, CPU) run the layer's own forward.
+same input tensor. Calls with many rows or with gradients run the layer's own forward. `generate` uses the groups
+on CUDA (and on the CPU under Triton's interpreter, for the kernel's tests).
 """
 from contextlib import contextmanager
 
-import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 
-from ..quant import is_4bit
+from ..quant import bnb, is_4bit
 from .nf4_matmul import MAX_ROWS, LoRAInputs, NF4Weight, kernel_available, nf4_matmul
 
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
@@ -97,7 +97,6 @@ class ProjectionGroup:
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
-
 
     def bitsandbytes(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
         """Each member's output through bitsandbytes' 4-bit matmul, its LoRA update h[:, cols] @ B^T added in place
