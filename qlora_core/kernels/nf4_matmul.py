@@ -360,8 +360,9 @@ if triton is not None:
                 for bn, bk, warps, stages in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 4, 2)):
                     out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split),
                                              num_warps=warps, num_stages=stages))
-            for bm in (16, 32):
-                for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3)):
+            for bm in (16, 32):  # the smaller BLOCK_K and the 8 warps hold fewer values a thread (24 rows spilled?)
+                for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3),
+                                              (32, 64, 4, 4), (64, 64, 8, 4), (32, 128, 8, 3)):
                     out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split),
                                              num_warps=warps, num_stages=stages))
         return out
