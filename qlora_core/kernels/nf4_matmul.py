@@ -352,15 +352,16 @@ if triton is not None:
         tl.store(y_ptr + row * stride_ym + cols, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
     def _configs():
-        """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, tensor-core dots (rows padded to 16 or 32) for more,
-        each over the whole of K or split in 4 or MAX_SPLIT_K parts."""
+        """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, over the whole of K or split in 4 or MAX_SPLIT_K parts,
+        and tensor-core dots (rows padded to 16 or 32) for more, whole or split in 4."""
         out = []
         for split in (1, 4, MAX_SPLIT_K):
             for bm in (1, 2, 4):
                 for bn, bk, warps, stages in ((16, 128, 4, 3), (16, 256, 4, 3), (32, 128, 4, 4), (16, 512, 4, 2)):
                     out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=False, SPLIT_K=split),
                                              num_warps=warps, num_stages=stages))
-            for bm in (16, 32):  # the smaller BLOCK_K and the 8 warps hold fewer values a thread (24 rows spilled?)
+        for split in (1, 4):
+            for bm in (16, 32):  # BLOCK_K 64 and 8 warps hold fewer values a thread (24 rows ran at 39-53 GB/s)
                 for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3),
                                               (32, 64, 4, 4), (64, 64, 8, 4), (32, 128, 8, 3)):
                     out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split),
