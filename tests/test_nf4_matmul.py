@@ -129,6 +129,8 @@ def check_kernel_configs():
         (3, [40, 24, 8], 320, 4, 32, 128, False, 2),
         (2, [33], 128, 2, 16, 64, False, 8),  # 2 blocks: six of the eight splits are empty
         (5, [72, 16], 384, 16, 32, 128, True, 4),
+        (5, [72, 16], 128, 16, 32, 128, 2, 1),  # USE_DOT 2: one dot over the interleaved halves
+        (20, [40, 24, 56], 320, 32, 16, 128, 2, 4),
     ]
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         for rows, outs, in_f, bm, bn, bk, dot, split in cases:

@@ -304,25 +304,35 @@ if triton is not None:
                 w_hi, w_lo = w_hi.to(tl.bfloat16), w_lo.to(tl.bfloat16)
             elif W_ROUND == 2:
                 w_hi, w_lo = w_hi.to(tl.float16), w_lo.to(tl.float16)
-            col = blk[None, :, None] * 64 + 2 * rj[None, None, :]          # [1, NB, 32]
-            x_off = rm[:, None, None] * stride_xm + col
             x_ok = m_ok[:, None, None] & b_ok[None, :, None]
-            x_e = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)            # [BM, NB, 32]
-            x_o = tl.load(x_ptr + x_off + 1, mask=x_ok, other=0.0)
-            if USE_DOT:
-                a_e = tl.reshape(x_e, (BLOCK_M, NB * 32))
-                a_o = tl.reshape(x_o, (BLOCK_M, NB * 32))
-                b_e = tl.trans(tl.reshape(w_hi.to(x_e.dtype), (BLOCK_N, NB * 32)))
-                b_o = tl.trans(tl.reshape(w_lo.to(x_e.dtype), (BLOCK_N, NB * 32)))
+            if USE_DOT == 2:  # one dot over the tile's K: the two halves of each byte interleaved back in k order
+                w = tl.reshape(tl.interleave(w_hi, w_lo), (BLOCK_N, NB * 64))
+                k = blk[None, :, None] * 64 + tl.arange(0, 64)[None, None, :]  # [1, NB, 64]
+                a = tl.load(x_ptr + rm[:, None, None] * stride_xm + k, mask=x_ok, other=0.0)
+                a = tl.reshape(a, (BLOCK_M, NB * 64))
                 if IEEE:
-                    acc = tl.dot(a_e, b_e, acc, input_precision="ieee")
-                    acc = tl.dot(a_o, b_o, acc, input_precision="ieee")
+                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(a_e, b_e, acc)
-                    acc = tl.dot(a_o, b_o, acc)
+                    acc = tl.dot(a, tl.trans(w.to(a.dtype)), acc)
             else:
-                part += (x_e.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :]
-                         + x_o.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :])
+                col = blk[None, :, None] * 64 + 2 * rj[None, None, :]      # [1, NB, 32]
+                x_off = rm[:, None, None] * stride_xm + col
+                x_e = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)        # [BM, NB, 32]
+                x_o = tl.load(x_ptr + x_off + 1, mask=x_ok, other=0.0)
+                if USE_DOT:  # two dots: the even columns of k against the high nibbles, the odd against the low
+                    a_e = tl.reshape(x_e, (BLOCK_M, NB * 32))
+                    a_o = tl.reshape(x_o, (BLOCK_M, NB * 32))
+                    b_e = tl.trans(tl.reshape(w_hi.to(x_e.dtype), (BLOCK_N, NB * 32)))
+                    b_o = tl.trans(tl.reshape(w_lo.to(x_e.dtype), (BLOCK_N, NB * 32)))
+                    if IEEE:
+                        acc = tl.dot(a_e, b_e, acc, input_precision="ieee")
+                        acc = tl.dot(a_o, b_o, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a_e, b_e, acc)
+                        acc = tl.dot(a_o, b_o, acc)
+                else:
+                    part += (x_e.to(tl.float32)[:, None, :, :] * w_hi.to(tl.float32)[None, :, :, :]
+                             + x_o.to(tl.float32)[:, None, :, :] * w_lo.to(tl.float32)[None, :, :, :])
         if not USE_DOT:
             acc = tl.sum(tl.sum(part, axis=3), axis=2)
         if HAS_LORA:
@@ -353,7 +363,8 @@ if triton is not None:
 
     def _configs():
         """Candidate tiles: CUDA-core FMAs for 1 to 4 rows, over the whole of K or split in 4 or MAX_SPLIT_K parts,
-        and tensor-core dots (rows padded to 16 or 32) for more, whole or split in 4."""
+        and tensor-core dots (rows padded to 16 or 32) for more, whole or split in 4: USE_DOT True multiplies the
+        even and the odd columns of K in two dots, 2 interleaves the weight's halves back for one."""
         out = []
         for split in (1, 4, MAX_SPLIT_K):
             for bm in (1, 2, 4):
@@ -365,6 +376,9 @@ if triton is not None:
                 for bn, bk, warps, stages in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 256, 4, 3), (64, 128, 8, 3),
                                               (32, 64, 4, 4), (64, 64, 8, 4), (32, 128, 8, 3)):
                     out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=True, SPLIT_K=split),
+                                             num_warps=warps, num_stages=stages))
+                for bn, bk, warps, stages in ((32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 4)):  # interleaved
+                    out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=2, SPLIT_K=split),
                                              num_warps=warps, num_stages=stages))
         return out
 
