@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other tests' helpers when run as a script
-
-from qlora_core.config import ModelConfig  # noqa: E402
-from qlora_core.kernels import norm_rope_silu as fused  # noqa: E402
-from qlora_core.model import LlamaForCausalLM, RMSNormFunction, SiluMul, apply_rope, rope_cos_sin  # noqa: E402
+from qlora_core.config import ModelConfig
+from qlora_core.kernels import norm_rope_silu as fused
+from qlora_core.model import LlamaForCausalLM, RMSNormFunction, SiluMul, apply_rope, rope_cos_sin
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
@@ -159,9 +157,26 @@ def check_model_takes_the_kernels():
     print("the model runs the kernels and matches its PyTorch path")
 
 
+def patch_interpreter():
+    """Make Triton 3.6's interpreter round a cast of float32 to bf16 to nearest even, as the GPU does (it
+    truncates)."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    cast = interp.InterpreterBuilder.cast_impl
+
+    def cast_rounding(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return interp.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    interp.InterpreterBuilder.cast_impl = cast_rounding
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from test_nf4_matmul import patch_interpreter
     patch_interpreter()
     check_rms_norm()
     check_silu_mul()
