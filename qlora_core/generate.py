@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .kernels.fused_projections import fused_projections, projection_groups
-from .kernels.nf4_matmul import kernel_available
 from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
 from .tokenizer import padding_id
@@ -346,8 +345,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
     cuda_graph replays each decode step from a CUDA graph kept for later calls of the same rows and cache-length
-    bucket (see DecodeState); None means on for CUDA models. On CUDA, NF4 projections run through the fused decode
-    kernels (see kernels/fused_projections.py) whenever the rows are few.
+    bucket (see DecodeState); None means on for CUDA models. On CUDA, the decode steps' 4-bit projections run by
+    groups that share an input (see kernels/fused_projections.py).
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -371,8 +370,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     was_training = model.training
     model.eval()
     state = decode_state(model)
-    param = next(model.parameters())
-    groups = state.groups if param.is_cuda or kernel_available(param) else []
+    groups = state.groups if device.type == "cuda" else []
     try:
         with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
             if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one

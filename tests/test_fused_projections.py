@@ -1,20 +1,18 @@
-"""qlora_core.kernels.fused_projections with the NF4 kernel off: decode-time groups over bitsandbytes' 4-bit matmul,
-their LoRA as one stacked A matmul and one addmm a member, against a dense float64 reference and the model's own
-forward."""
+"""qlora_core.kernels.fused_projections: decode-time groups over bitsandbytes' 4-bit matmul, their LoRA as one
+stacked A matmul and one addmm a member, against a dense float64 reference and the model's own forward."""
 import bitsandbytes as bnb
 import pytest
 import torch
 
 from conftest import write_checkpoint
 from qlora_core import load_model
-from qlora_core.kernels import nf4_matmul
-from qlora_core.kernels.fused_projections import ProjectionGroup, fused_projections, projection_groups
+from qlora_core.kernels.fused_projections import ProjectionGroup, _parts, fused_projections, projection_groups
 from qlora_core.lora import add_lora
+from qlora_core.quant import nf4_linear
 
 
 @pytest.fixture
-def model(tmp_path, monkeypatch):
-    monkeypatch.setenv("QLORA_NF4_KERNEL", "0")  # the bitsandbytes path, whatever the environment says
+def model(tmp_path):
     write_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     model = add_lora(load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32, device="cpu"), r=4, alpha=8)
     gen = torch.Generator().manual_seed(0)
@@ -41,7 +39,6 @@ def count_group_calls(monkeypatch) -> list:
 
 
 def test_groups_over_bitsandbytes_equal_the_dense_reference(model, monkeypatch):
-    assert not nf4_matmul.kernel_available(torch.zeros(1))
     group_calls = count_group_calls(monkeypatch)
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(1))
@@ -77,3 +74,9 @@ def test_decoding_logits_through_the_groups_equal_the_model_alone(model, monkeyp
     plain, grouped = logits
     assert len(group_calls) == 2 * 4 * 2  # two forwards, two layers, all four groups
     assert (grouped - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_layers_with_a_bias_keep_their_own_forward():
+    assert _parts(nf4_linear(torch.randn(16, 128), torch.zeros(16), torch.float32)) is None
+    assert _parts(nf4_linear(torch.randn(16, 128), None, torch.float32)) is not None
+    assert _parts(torch.nn.Linear(128, 16)) is None
