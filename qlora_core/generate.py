@@ -72,15 +72,16 @@ class GraphedDecodeStep:
     afterwards, so it must be built after the cache is installed and before the prefill. Inputs are copied into the
     graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call. The graph
     reads the model's weights and KV cache where they were at capture: DecodeState keeps both in place between calls.
-    Its scratch memory comes from `pool`, which the steps of one DecodeState share: they never run at once, and each
-    keeps its own logits alive, so no step's output lands in another's scratch.
+    Its scratch memory comes from `pool`, which the steps of one DecodeState share. That is safe because they never
+    run at once and generate reads a step's logits before another step replays: a later capture may put its logits
+    in an earlier step's scratch. The steps warm up on one `side` stream too, since cuBLAS keeps a workspace for
+    every stream it has run on (32 MiB on a Hopper card) for the life of the process.
     """
 
-    def __init__(self, model, rows: int, cache_len: int, device, pool=None):
+    def __init__(self, model, rows: int, cache_len: int, device, pool, side: torch.cuda.Stream):
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
-        side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation (and autotuning) is not captured
             for _ in range(2):
@@ -117,6 +118,8 @@ class DecodeState:
         self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
         self.pool = None
         """The captured steps' shared memory pool, made at the first capture."""
+        self.side = None
+        """The stream the captures warm up on, made with the pool."""
         self.installed: torch.Tensor | None = None
         """The part of a buffer that the model's caches view during the current call."""
 
@@ -152,8 +155,8 @@ class DecodeState:
         key = (rows, cache_len)
         if key not in self.steps:
             if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device, self.pool)
+                self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device, self.pool, self.side)
         return self.steps[key]
 
 

@@ -198,9 +198,10 @@ def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
 
 
 def test_decode_graphs_of_one_model_share_their_scratch_memory(tmp_path):
-    """Captured decode steps of several cache-length buckets draw on one memory pool: after the longest bucket's
-    capture, shorter buckets' captures reserve (almost) no more memory, where a private pool each would reserve at
-    least one 2 MiB segment apiece. Their tokens still equal eager decoding."""
+    """Captured decode steps of several cache-length buckets draw on one memory pool and warm up on one stream:
+    after the longest bucket's capture, shorter buckets' captures reserve (almost) no more memory, where a private
+    pool each would reserve at least one 2 MiB segment apiece, and a stream each one cuBLAS workspace apiece (32 MiB
+    on an H200). Their tokens still equal eager decoding."""
     import qlora_core.generate as gen
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9)]
