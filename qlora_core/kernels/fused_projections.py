@@ -50,7 +50,7 @@ class ProjectionGroup:
         self.a = None
         """alpha/r * A of every member stacked [sum r, in], in the compute dtype; rewritten in place by refresh."""
         self.b = [None] * len(modules)
-        """Each member's B [out, r] in the compute dtype (None without an adapter), for the bitsandbytes path."""
+        """Each member's B [out, r] in the compute dtype (None without an adapter)."""
         self.pending = None
         """(input, {member index: output}) of the members not yet called with that input."""
 
