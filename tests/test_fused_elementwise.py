@@ -158,11 +158,20 @@ def check_model_takes_the_kernels():
 
 
 def patch_interpreter():
-    """Make Triton 3.6's interpreter round a cast of float32 to bf16 to nearest even, as the GPU does (it
-    truncates)."""
+    """Work around three gaps of Triton 3.6's interpreter: a cast of float32 to bf16 truncates, where the GPU
+    rounds to nearest even; and, for kernels/dropout.py, tl.dot multiplies bf16 operands as their raw uint16 bits,
+    and a runtime loop bound is a 1-element numpy array, which numpy >= 2.4 no longer turns into an int."""
     import numpy as np
     import triton.language as tl
     import triton.runtime.interpreter as interp
+
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
 
     cast = interp.InterpreterBuilder.cast_impl
 
@@ -172,7 +181,15 @@ def patch_interpreter():
             return interp.TensorHandle(bits.view(np.uint16), tl.bfloat16)
         return cast(self, src, dst_type)
 
+    def as_float32(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    create_dot = interp.InterpreterBuilder.create_dot
     interp.InterpreterBuilder.cast_impl = cast_rounding
+    interp.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: create_dot(self, as_float32(a),
+                                                                                   as_float32(b), d, *rest)
 
 
 if __name__ == "__main__":
