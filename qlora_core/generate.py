@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .kernels.fused_projections import fused_projections, projection_groups
-from .kernels.nf4_matmul import kernel_available
 from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
 from .tokenizer import padding_id
@@ -73,20 +72,23 @@ class GraphedDecodeStep:
     afterwards, so it must be built after the cache is installed and before the prefill. Inputs are copied into the
     graph's own buffers; the returned logits tensor is the graph's and is overwritten by the next call. The graph
     reads the model's weights and KV cache where they were at capture: DecodeState keeps both in place between calls.
+    Its scratch memory comes from `pool`, which the steps of one DecodeState share. That is safe because they never
+    run at once and generate reads a step's logits before another step replays: a later capture may put its logits
+    in an earlier step's scratch. The steps warm up on one `side` stream too, since cuBLAS keeps a workspace for
+    every stream it has run on (32 MiB on a Hopper card) for the life of the process.
     """
 
-    def __init__(self, model, rows: int, cache_len: int, device):
+    def __init__(self, model, rows: int, cache_len: int, device, pool, side: torch.cuda.Stream):
         self.token = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
-        side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm up outside the graph: lazy initialisation (and autotuning) is not captured
             for _ in range(2):
                 decode_one_token(model, self.token, self.input_pos, self.mask)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.logits = decode_one_token(model, self.token, self.input_pos, self.mask)
 
     def __call__(self, model, token, input_pos, mask):
@@ -103,8 +105,10 @@ class DecodeState:
     Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache of each row count is
     one buffer [rows, layers, 2 (k, v), kv_heads, slots, head_dim] of the longest length seen; every layer's k and v
     are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
-    same memory, and beam search reorders all layers' rows in one gather. A model whose projection modules change
-    (add_lora, merge_lora) gets a new state. `release_decode_state(model)` frees it all.
+    same memory, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch
+    memory from one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
+    model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)`
+    frees it all.
     """
 
     def __init__(self, model):
@@ -112,6 +116,10 @@ class DecodeState:
         self.groups = projection_groups(model)
         self.caches: dict[int, torch.Tensor] = {}
         self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
+        self.pool = None
+        """The captured steps' shared memory pool, made at the first capture."""
+        self.side = None
+        """The stream the captures warm up on, made with the pool."""
         self.installed: torch.Tensor | None = None
         """The part of a buffer that the model's caches view during the current call."""
 
@@ -146,7 +154,9 @@ class DecodeState:
     def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:
         key = (rows, cache_len)
         if key not in self.steps:
-            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device)
+            if self.pool is None:
+                self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+            self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device, self.pool, self.side)
         return self.steps[key]
 
 
@@ -338,8 +348,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
     cuda_graph replays each decode step from a CUDA graph kept for later calls of the same rows and cache-length
-    bucket (see DecodeState); None means on for CUDA models. On CUDA, NF4 projections run through the fused decode
-    kernels (see kernels/fused_projections.py) whenever the rows are few.
+    bucket (see DecodeState); None means on for CUDA models. On CUDA, the decode steps' 4-bit projections run by
+    groups that share an input (see kernels/fused_projections.py).
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -363,8 +373,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     was_training = model.training
     model.eval()
     state = decode_state(model)
-    param = next(model.parameters())
-    groups = state.groups if kernel_available(param) else []
+    groups = state.groups if device.type == "cuda" else []
     try:
         with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
             if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one

@@ -121,7 +121,7 @@ def check_projection_takes_the_kernels():
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from test_nf4_matmul import patch_interpreter
+    from test_fused_elementwise import patch_interpreter
     patch_interpreter()
     check_masks()
     check_down_and_backward()

@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other tests' helpers when run as a script
-
-from qlora_core.config import ModelConfig  # noqa: E402
-from qlora_core.kernels import norm_rope_silu as fused  # noqa: E402
-from qlora_core.model import LlamaForCausalLM, RMSNormFunction, SiluMul, apply_rope, rope_cos_sin  # noqa: E402
+from qlora_core.config import ModelConfig
+from qlora_core.kernels import norm_rope_silu as fused
+from qlora_core.model import LlamaForCausalLM, RMSNormFunction, SiluMul, apply_rope, rope_cos_sin
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
@@ -159,9 +157,43 @@ def check_model_takes_the_kernels():
     print("the model runs the kernels and matches its PyTorch path")
 
 
+def patch_interpreter():
+    """Work around three gaps of Triton 3.6's interpreter: a cast of float32 to bf16 truncates, where the GPU
+    rounds to nearest even; and, for kernels/dropout.py, tl.dot multiplies bf16 operands as their raw uint16 bits,
+    and a runtime loop bound is a 1-element numpy array, which numpy >= 2.4 no longer turns into an int."""
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    patch_tensor = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+    cast = interp.InterpreterBuilder.cast_impl
+
+    def cast_rounding(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16).view(torch.int16).numpy()
+            return interp.TensorHandle(bits.view(np.uint16), tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    def as_float32(h):
+        if h.dtype.scalar == tl.bfloat16:
+            return interp.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    create_dot = interp.InterpreterBuilder.create_dot
+    interp.InterpreterBuilder.cast_impl = cast_rounding
+    interp.InterpreterBuilder.create_dot = lambda self, a, b, d, *rest: create_dot(self, as_float32(a),
+                                                                                   as_float32(b), d, *rest)
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from test_nf4_matmul import patch_interpreter
     patch_interpreter()
     check_rms_norm()
     check_silu_mul()

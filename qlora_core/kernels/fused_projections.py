@@ -1,65 +1,74 @@
-"""The projections of a decoder layer at decode time: one NF4 kernel per group of projections that share an input.
+"""The projections of a decoder layer at decode time, by groups of projections that share an input.
 
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
-- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in), and
-- one `nf4_matmul` launch over the group's 4-bit weights with h @ B^T added in its epilogue,
-instead of a bitsandbytes call and four LoRA kernels per projection. The model's code is unchanged: while
-`fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first member of a
-group called with an input computes the whole group and keeps the other members' outputs for their calls with the
-same input tensor. Calls the kernel cannot take (many rows, training, CPU) run the layer's own forward.
+- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype),
+  and then
+- bitsandbytes' 4-bit matmul for each member, and h's columns of that member @ B^T added in place by one addmm
+  (B kept in the compute dtype),
+instead of a bitsandbytes call and six kernels of LoRA per projection (casting A and B, two matmuls, the scaling,
+the sum). The model's code is unchanged: while `fused_projections(model)` is active, each projection's `forward` is
+replaced on the instance; the first member of a group called with an input computes the whole group and keeps the
+other members' outputs for their calls with the same input tensor. Calls with many rows or with gradients run the
+layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
-from ..quant import is_4bit
-from .nf4_matmul import MAX_ROWS, LoRAInputs, NF4Weight, kernel_available, nf4_matmul
+from ..quant import bnb, is_4bit
 
+MAX_ROWS = 32
+"""Most rows a group computes (a decode step's batch x beams); calls with more (prefill) run each layer's forward."""
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
 """Projections that share an input, by the submodule that holds them."""
 
 
 def _parts(module):
-    """(the 4-bit layer, the LoRA layer or None) of a projection: a bnb.nn.Linear4bit, or a LoRA layer over one in
-    lora.py's layout (base_layer, lora_A, lora_B, scaling); None for anything else (it keeps its own forward)."""
+    """(the 4-bit layer, the LoRA layer or None) of a projection: a bnb.nn.Linear4bit without bias, or a LoRA layer
+    over one in lora.py's layout (base_layer, lora_A, lora_B, scaling); None for anything else (it keeps its own
+    forward)."""
     if is_4bit(module):
-        return module, None
+        return (module, None) if module.bias is None else None
     base = getattr(module, "base_layer", None)
-    if base is not None and is_4bit(base) and all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling")):
+    if (base is not None and is_4bit(base) and base.bias is None
+            and all(hasattr(module, a) for a in ("lora_A", "lora_B", "scaling"))):
         return base, module
     return None
 
 
 class ProjectionGroup:
-    """Projections sharing an input whose bases are NF4 weights the kernel reads, computed by one launch."""
+    """Projections sharing an input, each over a 4-bit layer, computed together at the first member's call."""
 
     def __init__(self, modules: list):
         self.modules = modules
         parts = [_parts(m) for m in modules]
-        self.weights = [NF4Weight.of(p[0]) if p is not None else None for p in parts]
-        self.loras = [p[1] if p is not None and p[1] is not None and not getattr(p[1], "merged", False) else None
-                      for p in parts]
+        self.bases = [p[0] for p in parts]
+        self.loras = [p[1] if p[1] is not None and not getattr(p[1], "merged", False) else None for p in parts]
         self.ranks = [lora.lora_A.weight.shape[0] if lora is not None else 0 for lora in self.loras]
         self.a = None
         """alpha/r * A of every member stacked [sum r, in], in the compute dtype; rewritten in place by refresh."""
+        self.b = [None] * len(modules)
+        """Each member's B [out, r] in the compute dtype (None without an adapter)."""
         self.pending = None
         """(input, {member index: output}) of the members not yet called with that input."""
 
-    @property
-    def ok(self) -> bool:
-        return all(w is not None for w in self.weights)
-
     def refresh(self, dtype: torch.dtype) -> None:
-        """Copy the adapters' current A (they may have been trained or loaded since) into the stacked buffer."""
+        """Copy the adapters' current A (they may have been trained or loaded since) into the stacked buffer, and
+        their B into theirs."""
         if not any(self.ranks):
             return
         with torch.no_grad():
             stacked = torch.cat([lora.lora_A.weight * lora.scaling for lora in self.loras if lora is not None])
             if self.a is None or self.a.dtype != dtype:
                 self.a = torch.empty_like(stacked, dtype=dtype)
+                self.b = [None if lora is None else torch.empty_like(lora.lora_B.weight, dtype=dtype)
+                          for lora in self.loras]
             self.a.copy_(stacked)
+            for b, lora in zip(self.b, self.loras):
+                if lora is not None:
+                    b.copy_(lora.lora_B.weight)
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Member `index`'s output for x."""
@@ -69,22 +78,31 @@ class ProjectionGroup:
                 self.pending = None
             return out
         module = self.modules[index]
-        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled() or not kernel_available(x)
-                or (any(self.ranks) and self.a is None)):
+        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled()
+                or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
-        lora = None
-        if any(self.ranks):
-            h = F.linear(x, self.a.to(x.dtype))
-            lora = LoRAInputs(h, [m.lora_B.weight if m is not None else None for m in self.loras], self.ranks)
-        y = nf4_matmul(x, self.weights, lora, use_kernel=True)
-        outs = y.split([w.out_features for w in self.weights], dim=-1)
+        h = F.linear(x, self.a) if any(self.ranks) else None
+        outs = self.bitsandbytes(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
 
+    def bitsandbytes(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each member's output through bitsandbytes' 4-bit matmul, its LoRA update h[:, cols] @ B^T added in place
+        (one addmm, accumulated in float32)."""
+        outs, start = [], 0
+        for base, b, r in zip(self.bases, self.b, self.ranks):
+            y = bnb.matmul_4bit(x, base.weight.t(), quant_state=base.weight.quant_state)
+            if r:
+                y2 = y.view(-1, y.shape[-1])
+                y2.addmm_(h.reshape(-1, h.shape[-1])[:, start:start + r], b.t())
+                start += r
+            outs.append(y)
+        return outs
+
 
 def projection_groups(model) -> list[ProjectionGroup]:
-    """The groups of every decoder layer whose members all have NF4 bases the kernel reads."""
+    """The groups of every decoder layer whose members all have 4-bit bases without bias."""
     groups = []
     for layer in model.model.layers:
         for holder, names in GROUPS:
@@ -92,9 +110,7 @@ def projection_groups(model) -> list[ProjectionGroup]:
             modules = [getattr(parent, n, None) for n in names]
             if any(m is None or _parts(m) is None for m in modules):
                 continue
-            group = ProjectionGroup(modules)
-            if group.ok:
-                groups.append(group)
+            groups.append(ProjectionGroup(modules))
     return groups
 
 

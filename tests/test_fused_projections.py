@@ -1,0 +1,82 @@
+"""qlora_core.kernels.fused_projections: decode-time groups over bitsandbytes' 4-bit matmul, their LoRA as one
+stacked A matmul and one addmm a member, against a dense float64 reference and the model's own forward."""
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from conftest import write_checkpoint
+from qlora_core import load_model
+from qlora_core.kernels.fused_projections import ProjectionGroup, _parts, fused_projections, projection_groups
+from qlora_core.lora import add_lora
+from qlora_core.quant import nf4_linear
+
+
+@pytest.fixture
+def model(tmp_path):
+    write_checkpoint(tmp_path, num_key_value_heads=2, hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    model = add_lora(load_model(tmp_path, quantize="nf4", compute_dtype=torch.float32, device="cpu"), r=4, alpha=8)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # zero at init: make every adapter count
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def dense(module, x: torch.Tensor) -> torch.Tensor:
+    """x @ W^T + scaling * x @ A^T @ B^T in float64, W dequantized by bitsandbytes."""
+    base = module.base_layer
+    w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+    a, b = module.lora_A.weight.double(), module.lora_B.weight.double()
+    return x.double() @ w.T + module.scaling * (x.double() @ a.T) @ b.T
+
+
+def count_group_calls(monkeypatch) -> list:
+    calls = []
+    own = ProjectionGroup.bitsandbytes
+    monkeypatch.setattr(ProjectionGroup, "bitsandbytes", lambda self, x, h: calls.append(1) or own(self, x, h))
+    return calls
+
+
+def test_groups_over_bitsandbytes_equal_the_dense_reference(model, monkeypatch):
+    group_calls = count_group_calls(monkeypatch)
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    x = torch.randn(3, 1, 64, generator=torch.Generator().manual_seed(1))
+    calls = []
+    matmul = bnb.matmul_4bit
+    groups = projection_groups(model)
+    assert len(groups) == 4 * 2
+    with torch.inference_mode(), fused_projections(model, groups, torch.float32):
+        bnb.matmul_4bit = lambda *a, **k: calls.append(1) or matmul(*a, **k)
+        try:
+            outs = {m: m(x) for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)}
+        finally:
+            bnb.matmul_4bit = matmul
+    assert len(calls) == 5 and len(group_calls) == 2  # q/k/v and gate/up, each computed at its first member's call
+    for module, y in outs.items():
+        ref = dense(module, x)
+        err = (y.double() - ref).abs().max().item()
+        assert err <= 1e-4 * ref.abs().max().item(), (module, err)
+
+
+def test_decoding_logits_through_the_groups_equal_the_model_alone(model, monkeypatch):
+    """A prefill and one decode step of 3 rows: the logits with the groups equal those of each layer's own forward
+    (float32: the same products summed in another order)."""
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    group_calls = count_group_calls(monkeypatch)
+    logits = []
+    for groups in ([], projection_groups(model)):
+        with torch.inference_mode(), fused_projections(model, groups, torch.float32):
+            model.setup_cache(3, 16)
+            model(ids, input_pos=torch.arange(7))
+            logits.append(model(ids[:, -1:], input_pos=torch.tensor([7])).float())
+            model.clear_cache()
+    plain, grouped = logits
+    assert len(group_calls) == 2 * 4 * 2  # two forwards, two layers, all four groups
+    assert (grouped - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+def test_layers_with_a_bias_keep_their_own_forward():
+    assert _parts(nf4_linear(torch.randn(16, 128), torch.zeros(16), torch.float32)) is None
+    assert _parts(nf4_linear(torch.randn(16, 128), None, torch.float32)) is not None
+    assert _parts(torch.nn.Linear(128, 16)) is None
