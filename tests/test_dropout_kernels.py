@@ -6,30 +6,23 @@ checks run in a subprocess: `TRITON_INTERPRET=1 python tests/test_dropout_kernel
 where triton is not installed (CI); tests/test_cuda.py runs them on the GPU.
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other tests' helpers when run as a script
 
 from qlora_core import lora  # noqa: E402
 from qlora_core.kernels import dropout  # noqa: E402
+from test_fused_elementwise import patch_interpreter, run_interpreted  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(150, 200, 3, 4), (64, 1100, 1, 8), (37, 70, 2, 4)]
 """rows, in, adapters, rank: rows and columns that fill no whole tile, ones that do, and columns over three splits."""
 
 
 def test_kernels_in_triton_interpreter():
-    pytest.importorskip("triton", reason="Triton is absent (CPU builds of torch come without it)")
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "all interpreted checks passed" in result.stdout
+    run_interpreted(__file__)
 
 
 def masks(rows: int, cols: int, n: int, p: float, site: int) -> torch.Tensor:
@@ -121,7 +114,6 @@ def check_projection_takes_the_kernels():
 
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    from test_fused_elementwise import patch_interpreter
     patch_interpreter()
     check_masks()
     check_down_and_backward()

@@ -27,10 +27,16 @@ def test_cpu_tensors_take_the_pytorch_path():
 
 
 def test_kernels_in_triton_interpreter():
+    run_interpreted(__file__)
+
+
+def run_interpreted(script: str) -> None:
+    """Run a test file as a script under Triton's interpreter, in a subprocess (TRITON_INTERPRET is read when a
+    kernel is defined), and require its closing line. Skips where Triton is absent."""
     pytest.importorskip("triton", reason="Triton is absent (CPU builds of torch come without it)")
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "all interpreted checks passed" in result.stdout
 
