@@ -170,7 +170,7 @@ class LoRAProjection(torch.autograd.Function):
         y.addmm_(x2, base_weights(layers, dtype, x.device).t())
         if layers[0].base_layer.bias is not None:
             y += torch.cat([m.base_layer.bias.to(dtype) for m in layers])
-        ctx.layers, ctx.p, ctx.n_saved = layers, p, len(saved)
+        ctx.layers, ctx.p = layers, p
         ctx.save_for_backward(*saved, h, a, bb)
         return y.view(*shape[:-1], -1)
 
