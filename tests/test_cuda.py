@@ -21,6 +21,7 @@ from qlora_core.kernels import norm_rope_silu as fused
 from qlora_core.lora import add_lora
 from qlora_core.model import RMSNormFunction, SiluMul, apply_rope, rope_cos_sin, rope_inv_freq
 from qlora_core.quant import is_4bit, storage_bytes
+from test_dropout_kernels import check_projection, dense_down
 from test_fused_elementwise import both_ways, columns
 from test_trainer import sigterm_after
 
@@ -259,10 +260,7 @@ def test_seeded_dropout_draws_one_mask_per_seed_and_site():
     A = torch.randn(3, 4, 4096, device="cuda", dtype=torch.bfloat16) / 64
     dh = torch.randn(300, 12, device="cuda", dtype=torch.bfloat16)
     dx = torch.randn(300, 4096, device="cuda", dtype=torch.bfloat16)
-    xs, dhs = x.double() * mask / 0.7, dh.double().view(300, 3, 4).transpose(0, 1)
-    want_h = torch.bmm(xs, A.double().transpose(1, 2)).transpose(0, 1).reshape(300, 12)
-    want_da = torch.bmm(dhs.transpose(1, 2), xs)
-    want_dx = dx.double() + (torch.bmm(dhs, A.double()) * mask / 0.7).sum(0)
+    want_h, want_da, want_dx = dense_down(x, A, dh, dx, mask, 0.3)
     got_dx = dx.clone()
     got_da = dropout.down_backward(x, dh, A, 0.3, 7, got_dx)
     for got, want in ((dropout.down(x, A, 0.3, 7), want_h), (got_da, want_da), (got_dx, want_dx)):
@@ -273,34 +271,8 @@ def test_seeded_dropout_draws_one_mask_per_seed_and_site():
 
 def test_grouped_projection_on_cuda_draws_its_masks_again_in_backward():
     """On CUDA the grouped LoRA projection keeps x alone and draws the seeded masks again in backward: outputs and
-    gradients of the dense formula with those masks (float32 reference)."""
-    from qlora_core.kernels import dropout
-    from qlora_core.lora import LoRALinear, project
-    torch.manual_seed(0)
-    layers = [LoRALinear(torch.nn.Linear(96, out, bias=False, device="cuda", dtype=torch.bfloat16), 4, 16, 0.3)
-              for out in (96, 32, 32)]
-    for m in layers:
-        torch.nn.init.normal_(m.lora_B.weight, 0, 0.1)
-    x = torch.randn(200, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dropout.reseed("cuda")
-    ys = project(x, *layers)
-    masks = dropout.dropped(torch.ones(200, 96, device="cuda", dtype=torch.bfloat16), 3, 0.3,
-                            layers[0].dropout_site).float() * 0.7
-    xr = x.detach().float().requires_grad_()
-    refs, leaves = [], []
-    for i, m in enumerate(layers):
-        A = m.lora_A.weight.detach().clone().requires_grad_()
-        B = m.lora_B.weight.detach().clone().requires_grad_()
-        leaves += [A, B]
-        refs.append(xr @ m.base_layer.weight.float().T + 4.0 * ((xr * masks[i].round() / 0.7) @ A.T @ B.T))
-    grads_out = [torch.randn_like(y) for y in ys]
-    torch.autograd.backward(ys, grads_out)
-    torch.autograd.backward(refs, [g.float() for g in grads_out])
-    for y, ref in zip(ys, refs):
-        assert (y.float() - ref).norm() <= 2e-2 * ref.norm()
-    assert (x.grad.float() - xr.grad).norm() <= 2e-2 * xr.grad.norm()
-    for g, ref in zip([w.grad for m in layers for w in (m.lora_A.weight, m.lora_B.weight)], leaves):
-        assert (g - ref.grad).norm() <= 2e-2 * ref.grad.norm()
+    gradients of the dense float64 formula with those masks, in bf16."""
+    check_projection("cuda", torch.bfloat16)
 
 
 def test_cuda_graph_replay_equals_its_eager_run(tmp_path):

@@ -25,9 +25,9 @@ def test_kernels_in_triton_interpreter():
     run_interpreted(__file__)
 
 
-def masks(rows: int, cols: int, n: int, p: float, site: int) -> torch.Tensor:
+def masks(rows: int, cols: int, n: int, p: float, site: int, device="cpu") -> torch.Tensor:
     """The n keep masks at site ... site + n - 1 as float64 0/1 [n, rows, cols], through `dropped` of ones."""
-    kept = dropout.dropped(torch.ones(rows, cols), n, p, site).double() * (1 - p)
+    kept = dropout.dropped(torch.ones(rows, cols, device=device), n, p, site).double() * (1 - p)
     assert torch.allclose(kept, kept.round(), atol=1e-6) and set(kept.round().unique().tolist()) <= {0.0, 1.0}
     return kept.round()
 
@@ -36,6 +36,45 @@ def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     bound = (2e-2 if dtype == torch.bfloat16 else 1e-5) * ref.norm()
     err = (got.double() - ref).norm()
     assert err <= bound, f"{what} ({dtype}): error {err:.3g} > {bound:.3g}"
+
+
+def dense_down(x, a, dh, dx, m, p) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float64 formulas of `down` and `down_backward` with the masks m [n, rows, in]: h [rows, n r], A's gradient
+    [n, r, in], and dx plus the adapters' share of x's gradient."""
+    rows, (n, r, _) = x.shape[0], a.shape
+    xs = x.double() * m / (1 - p)  # [n, rows, in]
+    dhs = dh.double().view(rows, n, r).transpose(0, 1)
+    h = torch.bmm(xs, a.double().transpose(1, 2)).transpose(0, 1).reshape(rows, n * r)
+    return h, torch.bmm(dhs.transpose(1, 2), xs), dx.double() + (torch.bmm(dhs, a.double()) * m / (1 - p)).sum(0)
+
+
+def check_projection(device, dtype: torch.dtype) -> None:
+    """LoRAProjection's seeded path for q/k/v-like layers against the dense float64 formula with the same masks:
+    outputs, and the gradients of x, A and B. tests/test_cuda.py runs it on the GPU."""
+    torch.manual_seed(0)
+    dropout.seed_tensor(device).fill_(9)
+    layers = [lora.LoRALinear(torch.nn.Linear(96, out, bias=False, device=device, dtype=dtype), 4, 16, 0.3)
+              for out in (96, 32, 32)]
+    for m in layers:
+        torch.nn.init.normal_(m.lora_B.weight, 0, 0.1)
+    x = torch.randn(200, 96, dtype=torch.float64).to(device, dtype).requires_grad_()
+    ys = lora.project(x, *layers)
+    m = masks(200, 96, 3, 0.3, layers[0].dropout_site, device)
+    xr = x.detach().double().requires_grad_()
+    refs, leaves = [], []
+    for i, layer in enumerate(layers):
+        A = layer.lora_A.weight.detach().double().requires_grad_()
+        B = layer.lora_B.weight.detach().double().requires_grad_()
+        leaves += [A, B]
+        refs.append(xr @ layer.base_layer.weight.double().T + 4.0 * ((xr * m[i] / 0.7) @ A.T @ B.T))
+    grads_out = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, grads_out)
+    torch.autograd.backward(refs, [g.double() for g in grads_out])
+    for y, ref in zip(ys, refs):
+        assert_close(y.detach(), ref.detach(), dtype, "projection")
+    assert_close(x.grad, xr.grad, dtype, "x gradient")
+    for g, ref in zip([w.grad for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)], leaves):
+        assert_close(g, ref.grad, dtype, "adapter gradient")
 
 
 # The checks below run in the subprocess, with the kernels defined under TRITON_INTERPRET=1.
@@ -67,12 +106,7 @@ def check_down_and_backward():
             a = (torch.randn(n, r, cols, generator=gen) / cols ** 0.5).to(dtype)
             dh = torch.randn(rows, n * r, generator=gen).to(dtype)
             dx = torch.randn(rows, cols, generator=gen).to(dtype)
-            m = masks(rows, cols, n, p, site)
-            xs = x.double() * m / (1 - p)  # [n, rows, cols]
-            dhs = dh.double().view(rows, n, r).transpose(0, 1)
-            ref_h = torch.bmm(xs, a.double().transpose(1, 2)).transpose(0, 1).reshape(rows, n * r)
-            ref_da = torch.bmm(dhs.transpose(1, 2), xs)
-            ref_dx = dx.double() + (torch.bmm(dhs, a.double()) * m / (1 - p)).sum(0)
+            ref_h, ref_da, ref_dx = dense_down(x, a, dh, dx, masks(rows, cols, n, p, site), p)
             assert_close(dropout.down(x, a, p, site), ref_h, dtype, f"down {rows, cols, n, r}")
             got_dx = dx.clone()
             da = dropout.down_backward(x, dh, a, p, site, got_dx)
@@ -84,31 +118,9 @@ def check_down_and_backward():
 
 
 def check_projection_takes_the_kernels():
-    """LoRAProjection's seeded path (CUDA's, here on the CPU) against the dense formula with the same masks."""
+    """LoRAProjection's seeded path (CUDA's, here on the CPU)."""
     lora.seeded_dropout = lambda x: True
-    torch.manual_seed(0)
-    dropout.seed_tensor("cpu").fill_(9)
-    layers = [lora.LoRALinear(torch.nn.Linear(96, out, bias=False), 4, 16, 0.3) for out in (96, 32, 32)]
-    for m in layers:
-        torch.nn.init.normal_(m.lora_B.weight, 0, 0.1)
-    x = torch.randn(200, 96, dtype=torch.float64).float().requires_grad_()
-    ys = lora.project(x, *layers)
-    m = masks(200, 96, 3, 0.3, layers[0].dropout_site)
-    xr = x.detach().double().requires_grad_()
-    refs, leaves = [], []
-    for i, layer in enumerate(layers):
-        A = layer.lora_A.weight.detach().double().requires_grad_()
-        B = layer.lora_B.weight.detach().double().requires_grad_()
-        leaves += [A, B]
-        refs.append(xr @ layer.base_layer.weight.double().T + 4.0 * ((xr * m[i] / 0.7) @ A.T @ B.T))
-    grads_out = [torch.randn_like(y) for y in ys]
-    torch.autograd.backward(ys, grads_out)
-    torch.autograd.backward(refs, [g.double() for g in grads_out])
-    for y, ref in zip(ys, refs):
-        assert_close(y.detach(), ref.detach(), torch.float32, "projection")
-    assert_close(x.grad, xr.grad, torch.float32, "x gradient")
-    for g, ref in zip([w.grad for layer in layers for w in (layer.lora_A.weight, layer.lora_B.weight)], leaves):
-        assert_close(g, ref.grad, torch.float32, "adapter gradient")
+    check_projection("cpu", torch.float32)
     print("LoRAProjection takes the kernels")
 
 
