@@ -408,3 +408,55 @@ def test_fused_elementwise_kernels_replay_in_a_cuda_graph():
     graph.replay()
     for replayed, eager in zip(static_out, step(new_x)):
         assert torch.equal(replayed, eager)
+
+
+def nf4_group(shapes, ranks, seed=0):
+    """4-bit layers of the given [out, in] shapes, their LoRA B (None where the rank is 0), on the GPU."""
+    from qlora_core.quant import nf4_linear
+    gen = torch.Generator("cuda").manual_seed(seed)
+    layers = [nf4_linear(torch.randn(*s, generator=gen, device="cuda") * 0.05, None, torch.bfloat16) for s in shapes]
+    bs = [torch.randn(s[0], r, generator=gen, device="cuda").to(torch.bfloat16) if r else None
+          for s, r in zip(shapes, ranks)]
+    return layers, bs
+
+
+def nf4_group_reference(x, layers, h, bs, ranks):
+    """float32: x @ W^T + h[:, cols] @ B^T, segment by segment, W dequantized by bitsandbytes in float32."""
+    import copy
+
+    import bitsandbytes.functional as bnbF
+    outs, start = [], 0
+    for layer, b, r in zip(layers, bs, ranks):
+        state = copy.copy(layer.weight.quant_state)
+        state.dtype = torch.float32  # the exact products nf4 * absmax, not rounded to bf16
+        y = x.float() @ bnbF.dequantize_4bit(layer.weight.data, state).float().t()
+        if r:
+            y = y + h[:, start:start + r].float() @ b.float().t()
+            start += r
+        outs.append(y)
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("shapes,ranks", [
+    ([(96, 640), (40, 640), (40, 640)], [4, 0, 8]),  # q/k/v-like: a partial tile, a segment without LoRA, K = 10 blocks
+    ([(200, 1088)], [4]),                            # K = 17 blocks: a partial last iteration
+    ([(4096, 4096), (4096, 4096), (4096, 4096)], [4, 4, 4]),  # Llama-2-7B's q/k/v
+    ([(11008, 4096), (11008, 4096)], [4, 4]),        # its gate/up
+    ([(4096, 11008)], [4]),                          # its down
+])
+def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shapes, ranks):
+    from qlora_core.kernels import nf4_matmul as nf4
+    layers, bs = nf4_group(shapes, ranks)
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
+    h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
+    assert nf4.supports(x, layers)
+    with torch.inference_mode():
+        y = nf4.nf4_matmul(x, layers, h, bs, ranks)
+    ref = nf4_group_reference(x, layers, h, bs, ranks)
+    assert y.shape == ref.shape and y.dtype == torch.bfloat16
+    # the output's rounding to bf16 (at most 2^-9 of it), and float32 sums in another order
+    err = (y.float() - ref).abs()
+    bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
+    assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())

@@ -2,11 +2,13 @@
 
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
 - h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype),
-  and then
-- bitsandbytes' 4-bit matmul for each member, and h's columns of that member @ B^T added in place by one addmm
-  (B kept in the compute dtype),
+  and then the base matmuls with h's columns of each member @ B^T added (B kept in the compute dtype):
+  - on CUDA, up to nf4_matmul.MAX_ROWS rows: one launch of our NF4 kernel for the whole group, LoRA included;
+  - on CUDA, more rows: each weight dequantized by our one-kernel NF4 dequantization into a scratch buffer, then a
+    GEMM, and one addmm for LoRA (bitsandbytes would dequantize in three kernels, or run its GEMV);
+  - elsewhere (the CPU, other 4-bit formats): bitsandbytes' 4-bit matmul per member and one addmm,
 instead of a bitsandbytes call and six kernels of LoRA per projection (casting A and B, two matmuls, the scaling,
-the sum). The model's code is unchanged: while `fused_projections(model)` is active, each projection's `forward` is
+the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged: while `fused_projections(model)` is active, each projection's `forward` is
 replaced on the instance; the first member of a group called with an input computes the whole group and keeps the
 other members' outputs for their calls with the same input tensor. Calls with many rows or with gradients run the
 layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
@@ -17,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import bnb, is_4bit
+from . import nf4_matmul
+from .nf4_dequant import dequantize_nf4, use_kernel as dequantizes
 
 MAX_ROWS = 32
 """Most rows a group computes (a decode step's batch x beams); calls with more (prefill) run each layer's forward."""
@@ -82,17 +86,25 @@ class ProjectionGroup:
                 or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
         h = F.linear(x, self.a) if any(self.ranks) else None
-        outs = self.bitsandbytes(x, h)
+        if nf4_matmul.supports(x, self.bases):
+            y = nf4_matmul.nf4_matmul(x, self.bases, h, self.b, self.ranks)
+            outs = list(y.split([base.out_features for base in self.bases], dim=-1))
+        else:
+            outs = self.matmuls(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
 
-    def bitsandbytes(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
-        """Each member's output through bitsandbytes' 4-bit matmul, its LoRA update h[:, cols] @ B^T added in place
-        (one addmm, accumulated in float32)."""
+    def matmuls(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
+        """Each member's output, a matmul each (dequantize + GEMM on CUDA, else bitsandbytes' 4-bit matmul), its
+        LoRA update h[:, cols] @ B^T added in place (one addmm, accumulated in float32)."""
         outs, start = [], 0
         for base, b, r in zip(self.bases, self.b, self.ranks):
-            y = bnb.matmul_4bit(x, base.weight.t(), quant_state=base.weight.quant_state)
+            w, state = base.weight.data, base.weight.quant_state
+            if x.is_cuda and dequantizes(w, state):
+                y = F.linear(x, dequantize_nf4(w, state))
+            else:
+                y = bnb.matmul_4bit(x, base.weight.t(), quant_state=state)
             if r:
                 y2 = y.view(-1, y.shape[-1])
                 y2.addmm_(h.reshape(-1, h.shape[-1])[:, start:start + r], b.t())

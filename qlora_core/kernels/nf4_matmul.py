@@ -1,0 +1,190 @@
+"""y = x @ W^T (+ LoRA) for the few rows of a decode step, over bitsandbytes' NF4 weights, in a Gluon kernel.
+
+At decode time each step multiplies 1 to about 32 rows (batch x beams) by every 4-bit weight. bitsandbytes runs a
+GEMV for one row (about a fifth of an H200's bandwidth) and, for more rows, dequantizes the whole weight and runs a
+GEMM. This kernel reads bitsandbytes' storage as it is, once, for all the rows:
+- the weight [out, in] row-major, two codes a byte, the high nibble first, read as 32-bit words (8 codes);
+- one absmax a block of 64 codes, itself 8-bit: absmax = code2[u8] * absmax2[block // 256] + offset;
+- the code's value from the 16 NF4 values, kept in shared memory: one conflict-free `ld.shared` a code.
+A thread holds R weight rows x T words of one block, and all the x rows: each NF4 value read is multiplied into every
+x row in float32 FMAs, and the products of a block are scaled by its absmax once.
+
+The layouts are written out (Gluon), because Triton's own choice for this tile moved data through shared memory
+inside the loop. One launch covers the projections that share an input (q/k/v, gate/up): each weight is a segment
+of the output's columns. A LoRA update h[:, cols] @ B^T, h = x (alpha/r A)^T computed before, is added before the
+store. `supports` says where the kernel runs (CUDA, NF4 with double quantization, at most MAX_ROWS rows); elsewhere
+the caller uses bitsandbytes.
+"""
+import torch
+
+from .nf4_dequant import host_offset
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+except ImportError:  # CPU builds of torch come without Triton
+    gluon = None
+
+MAX_ROWS = 4
+"""Most x rows the kernel takes: beyond, each NF4 value's multiply-adds no longer hide its decoding cost."""
+MAX_SEGMENTS = 3
+CONFIGS = {1: (4, 4, 4), 2: (4, 4, 4), 3: (4, 4, 2), 4: (4, 4, 2)}
+"""Rows of x -> (R weight rows, T words a thread, warps): the fastest over Llama-2-7B's groups on an H200
+(benchmarks/bench_nf4_matmul.py --sweep)."""
+
+
+def supports(x: torch.Tensor, layers) -> bool:
+    """Whether the kernel computes x @ W^T for these bnb.nn.Linear4bit layers (no bias, same in_features)."""
+    if gluon is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if not 1 <= len(layers) <= MAX_SEGMENTS or x.numel() // x.shape[-1] > MAX_ROWS or x.shape[-1] % 64:
+        return False
+    for layer in layers:
+        s = layer.weight.quant_state
+        if (layer.bias is not None or s is None or s.quant_type != "nf4" or not s.nested or s.blocksize != 64
+                or s.state2.blocksize != 256 or s.absmax.dtype != torch.uint8 or tuple(s.shape)[1] != x.shape[-1]):
+            return False
+    return True
+
+
+def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
+               out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
+
+    h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
+    cols being that layer's ranks[i] columns of h. Only where `supports(x, layers)`. config: (R, T, warps) instead
+    of CONFIGS' (the benchmark's sweep).
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    ns = [layer.weight.quant_state.shape[0] for layer in layers]
+    y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device) if out is None else out
+    ranks = list(ranks) if ranks is not None else [0] * len(layers)
+    h2 = h.reshape(rows, -1) if h is not None else x2
+    r_cfg, t_cfg, warps = config or CONFIGS[rows]
+    block_n = r_cfg * warps
+    seg, start, tiles = [], 0, 0
+    for i in range(MAX_SEGMENTS):
+        if i < len(layers):
+            s = layers[i].weight.quant_state
+            b = bs[i] if bs is not None and bs[i] is not None and ranks[i] else h2
+            seg += [layers[i].weight.data.view(-1).view(torch.int32), s.absmax, s.state2.absmax, s.state2.code,
+                    host_offset(s), b, ns[i], ranks[i] if b is not h2 else 0, start, tiles]
+            start += ranks[i]
+            tiles += -(-ns[i] // block_n)
+        else:
+            seg += seg[:10]
+            seg[-1] = tiles  # an unused segment starts after the last tile
+    lut = layers[0].weight.quant_state.code
+    _kernel[(tiles,)](x2, y, h2, lut, *seg, rows, k, h2.stride(0), y.stride(0),
+                      BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
+                      num_warps=warps)
+    return y.view(*x.shape[:-1], sum(ns))
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _layout(bm: int, r: int, t: int, warps: int):
+    """[x rows, weight rows, blocks, 8 words, 8 codes]: a thread holds all x rows, r weight rows, t words of a block
+    and their 8 codes; 8 // t threads share a block; a warp spans 32 // (8 // t) blocks of K; warps stack rows."""
+    tb = 8 // t
+    return gl.BlockedLayout([bm, r, 1, t, 8], [1, 1, 32 // tb, tb, 1], [1, warps, 1, 1, 1], [4, 3, 2, 1, 0])
+
+
+if gluon is not None:
+    @gluon.jit
+    def _kernel(x_ptr, y_ptr, h_ptr, lut_ptr,
+                w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
+                w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
+                w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
+                M, K, stride_h, stride_y,
+                BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr):
+        """One program: BN = R * W output columns of one segment, for all M rows, over the whole of K."""
+        TB: gl.constexpr = 8 // T
+        NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
+        BN: gl.constexpr = R * W
+        LV: gl.constexpr = gl.SliceLayout(0, L5)                 # [BN, NB, 8, 8] codes and their values
+        LW: gl.constexpr = gl.SliceLayout(3, LV)                 # [BN, NB, 8] words
+        LX: gl.constexpr = gl.SliceLayout(1, L5)                 # [BM, NB, 8, 8] x
+        LP: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))  # [BM, BN, NB] a block's products
+        LS: gl.constexpr = gl.SliceLayout(0, LP)                 # [BN, NB] absmax
+        LO: gl.constexpr = gl.SliceLayout(2, LP)                 # [BM, BN] output
+
+        pid = gl.program_id(0)
+        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile = w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, pid
+        col0 = 0
+        if pid >= t1:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1
+            tile = pid - t1
+            col0 = n0
+        if pid >= t2:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2
+            tile = pid - t2
+            col0 = n0 + n1
+        kb_total = K // 64
+
+        # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
+        rn_w = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), N - 1)
+        rb_w = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, LW)))
+        rw_w = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, LW)))
+        w_row = gl.expand_dims(gl.expand_dims(rn_w.to(gl.int64) * (K // 8), 1), 2)
+        w_word = gl.expand_dims(gl.expand_dims(rw_w, 0), 1)
+        # Code j of a word: the high nibble of its byte j // 2 for even j, the low for odd j; as a byte offset.
+        rj = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LV))))
+        shifts = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            (8 * (rj // 2) + 4 * (1 - rj % 2)).to(gl.uint32), 0), 1), 2)
+        rn_s = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N - 1)
+        rb_s = gl.arange(0, NB, layout=gl.SliceLayout(0, LS))
+        s_row = gl.expand_dims(rn_s.to(gl.int64) * kb_total, 1)
+        rm_x = gl.minimum(gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX)))),
+                          M - 1)
+        rb_x = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, LX))))
+        rw_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LX))))
+        rj_x = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, LX))))
+        x_row = gl.expand_dims(gl.expand_dims(gl.expand_dims(rm_x * K, 1), 2), 3)
+        x_in = (gl.expand_dims(gl.expand_dims(gl.expand_dims(rw_x * 8, 0), 1), 3)
+                + gl.expand_dims(gl.expand_dims(gl.expand_dims(rj_x, 0), 1), 2))
+
+        # The NF4 values in shared memory, addressed by byte: base | code * 4 (base is 64-byte aligned).
+        lut = gl.allocate_shared_memory(gl.float32, [16], gl.SwizzledSharedLayout(1, 1, 1, [0]),
+                                        gl.load(lut_ptr + gl.arange(0, 16, layout=gl.BlockedLayout([1], [32], [W], [0]))))
+        gl.thread_barrier()
+        base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r", [], dtype=gl.uint32, is_pure=True,
+                                         pack=1)
+
+        acc = gl.zeros([BM, BN, NB], gl.float32, LP)
+        for kb0 in range(0, kb_total, NB):
+            # Blocks past K read the last block again, with a zero scale.
+            blk_w = gl.minimum(kb0 + rb_w, kb_total - 1)
+            words = gl.load(w_ptr + w_row + gl.expand_dims(gl.expand_dims(blk_w * 8, 0), 2) + w_word)
+            addr = (((gl.expand_dims(words.to(gl.uint32, bitcast=True), 3) >> shifts) << 2) & 0x3C) | base
+            v = gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=r,r", [addr], dtype=gl.float32,
+                                          is_pure=True, pack=1)
+            blk_s = kb0 + rb_s
+            flat = s_row + gl.expand_dims(gl.minimum(blk_s, kb_total - 1), 0)
+            q = gl.load(am_ptr + flat).to(gl.int32)
+            scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + flat // 256) + offset
+            scale = gl.where(gl.expand_dims(blk_s < kb_total, 0), scale, 0.0)
+            blk_x = gl.minimum(kb0 + rb_x, kb_total - 1)
+            xv = gl.load(x_ptr + x_row + gl.expand_dims(gl.expand_dims(gl.expand_dims(blk_x * 64, 0), 2), 3)
+                         + x_in).to(gl.float32)
+            p = gl.sum(gl.sum(gl.expand_dims(v, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)
+            acc += p * gl.expand_dims(scale, 0)
+        lut._keep_alive()
+        out = gl.sum(acc, axis=2)
+
+        rm_o = gl.arange(0, BM, layout=gl.SliceLayout(1, LO))
+        rn_o = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LO))
+        m_ok = rm_o < M
+        n_ok = rn_o < N
+        for r in range(0, rank):
+            hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
+            bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
+            out += gl.expand_dims(hv, 1) * gl.expand_dims(bv, 0)
+        gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 1) + col0 + gl.expand_dims(rn_o, 0),
+                 out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
