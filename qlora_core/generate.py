@@ -21,6 +21,8 @@ from .util import QLoRAError, log
 PROMPT_MODES = ("zero-shot", "few-shot", "lora")
 NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
+REORDER_BYTES = 256 * 2 ** 20
+"""Most bytes one gather of beam search's cache reorder copies (DecodeState.reorder)."""
 CACHE_BUCKET = 64
 """On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
 one captured decode step."""
@@ -140,15 +142,22 @@ class DecodeState:
             layer.self_attn.kv_cache = view
 
     def reorder(self, model, rows: torch.Tensor, filled: int | None) -> bool:
-        """reorder_cache when the model's caches are views of the installed buffer (False otherwise): one gather of
-        the rows that change, all layers at once (beam search already waits for the GPU every step)."""
+        """reorder_cache when the model's caches are views of the installed buffer (False otherwise): a gather of
+        the rows that change, over as many layers at once as keep its copy within REORDER_BYTES (beam search
+        already waits for the GPU every step). One gather of all layers had copied up to the whole cache."""
         if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
                 self.installed.data_ptr():
             return False
         changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         if len(changed):
             part = self.installed[:, :, :, :, :filled]
-            part.index_copy_(0, changed, part.index_select(0, rows[changed]))
+            layers = part.shape[1]
+            per_layer = len(changed) * part[0, 0].numel() * part.element_size()
+            step = max(1, min(layers, REORDER_BYTES // max(per_layer, 1)))
+            source = rows[changed]
+            for start in range(0, layers, step):
+                chunk = part[:, start:start + step]
+                chunk.index_copy_(0, changed, chunk.index_select(0, source))
         return True
 
     def step(self, model, rows: int, cache_len: int, device) -> GraphedDecodeStep:

@@ -247,3 +247,23 @@ def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
     add_lora(model)
     assert gen.decode_state(model) is not state
     gen.release_decode_state(model)
+
+
+@pytest.mark.parametrize("limit", [gen.REORDER_BYTES, 1])
+def test_decode_state_reorders_the_changed_rows_of_every_layer(tmp_path, monkeypatch, limit):
+    """DecodeState.reorder (CUDA's path, run here on the CPU): row r of every layer's filled slots becomes row
+    rows[r], the other slots stay, whether the gather takes all layers at once or one at a time (limit 1 byte)."""
+    write_checkpoint(tmp_path, num_hidden_layers=3)
+    model = load_model(tmp_path, compute_dtype=torch.float32)
+    monkeypatch.setattr(gen, "REORDER_BYTES", limit)
+    state = gen.DecodeState(model)
+    state.install_cache(model, 6, 16)
+    state.installed.copy_(torch.randn(state.installed.shape, generator=torch.Generator().manual_seed(0)))
+    before = state.installed.clone()
+    rows = torch.tensor([0, 0, 2, 5, 1, 5])
+    assert state.reorder(model, rows, 9)
+    expected = before.clone()
+    expected[:, :, :, :, :9] = before[rows, :, :, :, :9]
+    assert torch.equal(state.installed, expected)
+    k = model.model.layers[2].self_attn.kv_cache.k
+    assert torch.equal(k, expected[:, 2, 0])
