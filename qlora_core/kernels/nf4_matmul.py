@@ -150,7 +150,7 @@ if gluon is not None:
         x_in = (gl.expand_dims(gl.expand_dims(gl.expand_dims(rw_x * 8, 0), 1), 3)
                 + gl.expand_dims(gl.expand_dims(gl.expand_dims(rj_x, 0), 1), 2))
 
-        # The NF4 values in shared memory (the kernel's only allocation, at global_smem), at base + code * 4.
+        # The NF4 values in shared memory, addressed by byte: base | code * 4 (base is 64-byte aligned).
         lut = gl.allocate_shared_memory(gl.float32, [16], gl.SwizzledSharedLayout(1, 1, 1, [0]),
                                         gl.load(lut_ptr + gl.arange(0, 16, layout=gl.BlockedLayout([1], [32], [W], [0]))))
         gl.thread_barrier()
@@ -162,7 +162,7 @@ if gluon is not None:
             # Blocks past K read the last block again, with a zero scale.
             blk_w = gl.minimum(kb0 + rb_w, kb_total - 1)
             words = gl.load(w_ptr + w_row + gl.expand_dims(gl.expand_dims(blk_w * 8, 0), 2) + w_word)
-            addr = (((gl.expand_dims(words.to(gl.uint32, bitcast=True), 3) >> shifts) << 2) & 0x3C) + base
+            addr = (((gl.expand_dims(words.to(gl.uint32, bitcast=True), 3) >> shifts) << 2) & 0x3C) | base
             v = gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=r,r", [addr], dtype=gl.float32,
                                           is_pure=True, pack=1)
             blk_s = kb0 + rb_s
