@@ -150,7 +150,8 @@ if gluon is not None:
         x_in = (gl.expand_dims(gl.expand_dims(gl.expand_dims(rw_x * 8, 0), 1), 3)
                 + gl.expand_dims(gl.expand_dims(gl.expand_dims(rj_x, 0), 1), 2))
 
-        # The NF4 values in shared memory, addressed by byte: base | code * 4 (base is 64-byte aligned).
+        # The NF4 values in shared memory, addressed by byte: base | code * 4. base, the kernel's only allocation,
+        # is 0x400 on sm_90 (ptxas resolves it; the SASS reads MOV R, 0x400), so its low 6 bits are zero.
         lut = gl.allocate_shared_memory(gl.float32, [16], gl.SwizzledSharedLayout(1, 1, 1, [0]),
                                         gl.load(lut_ptr + gl.arange(0, 16, layout=gl.BlockedLayout([1], [32], [W], [0]))))
         gl.thread_barrier()
