@@ -18,7 +18,9 @@ side is slow, so of the job it runs whole batches spread evenly over it, holding
 prompts; its job row says `prompts` and `extrapolated: true` when that is fewer than ours. Its peak memory also
 covers the job's longest batch (length_batches puts it first), run once more after the timed part, untimed. Every
 implementation runs each mode's work once untimed first, then once timed (`cold_s` is the untimed run: kernel
-autotuning, graph capture, allocator and library warm-up).
+autotuning, graph capture, allocator and library warm-up). Ours' greedy and beam3 rows also say `equal_eager`: the
+share of new-token positions where the timed path's tokens equal our eager path's (no CUDA graph, no projection
+groups: each layer's own forward) on the same prompts; bf16 can flip near-ties.
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
@@ -162,6 +164,19 @@ def spread(batches: list, n_prompts: int) -> list:
     return batches
 
 
+def eager(model, prompts: list[list[int]], num_beams: int, args) -> list[list[int]]:
+    """Our eager path's new tokens: no CUDA graph, no projection groups (each layer's own forward)."""
+    from qlora_core.generate import generate
+    return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None, pad_id=0,
+                    cuda_graph=False, groups=False)
+
+
+def equal_positions(a: list[list[int]], b: list[list[int]]) -> float:
+    """The share of positions, over all rows, where a's and b's tokens are equal (a missing token is unequal)."""
+    total = sum(max(len(x), len(y)) for x, y in zip(a, b))
+    return sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)) / max(total, 1)
+
+
 def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list, save) -> None:
     """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation, appended to
     rows; save() after each."""
@@ -200,6 +215,10 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
                      **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
         log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
+        if impl == "ours" and mode != "job":
+            rows[-1]["equal_eager"] = equal_positions([t for b in work for t in gen(b, beams)],
+                                                      [t for b in work for t in eager(model, b, beams, args)])
+            log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
         if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
             first = work[0]
             with cuda_timer(device) as t:
@@ -230,8 +249,8 @@ def adl_workload(args, impls, cfg, model_dir):
         free_memory(args.device)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
     report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
-                        "job_seconds", "peak_alloc_gib", "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s",
-                        "ours/peak_alloc_gib"], cfg, model_dir, "decode",
+                        "job_seconds", "peak_alloc_gib", "equal_eager", "gpu_busy", "cold_s", "load_s",
+                        "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir, "decode",
            prompt_lengths=[len(p) for p in prompts])
 
 

@@ -348,7 +348,8 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1, eos_id: int | None = None,
              pad_id: int = 0, length_penalty: float = 1.0, temperature: float = 0.0, top_p: float = 1.0,
-             generator: torch.Generator | None = None, cuda_graph: bool | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, cuda_graph: bool | None = None,
+             groups: bool | None = None) -> list[list[int]]:
     """New token ids for each prompt (lists of token ids, BOS included by the caller), ending with EOS if one came.
 
     num_beams == 1 decodes greedily, or samples when temperature > 0 (with top-p nucleus filtering and the
@@ -357,8 +358,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     The prompts are decoded as one left-padded batch with a KV cache of width + max_new_tokens slots; the
     caller keeps prompt + max_new_tokens within the model's context (see `build_prompts`).
     cuda_graph replays each decode step from a CUDA graph kept for later calls of the same rows and cache-length
-    bucket (see DecodeState); None means on for CUDA models. On CUDA, the decode steps' 4-bit projections run by
-    groups that share an input (see kernels/fused_projections.py).
+    bucket (see DecodeState); None means on for CUDA models. groups runs the decode steps' 4-bit projections by
+    groups that share an input (see kernels/fused_projections.py); None means on for CUDA models. Both off is the
+    eager path: each layer's own forward, step by step.
     """
     if num_beams < 1 or max_new_tokens < 0:
         raise QLoRAError(f"num_beams must be >= 1 and max_new_tokens >= 0, got {num_beams} and {max_new_tokens}")
@@ -382,9 +384,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     was_training = model.training
     model.eval()
     state = decode_state(model)
-    groups = state.groups if device.type == "cuda" else []
+    active = state.groups if (device.type == "cuda" if groups is None else groups) else []
     try:
-        with torch.inference_mode(), fused_projections(model, groups, model.lm_head.weight.dtype):
+        with torch.inference_mode(), fused_projections(model, active, model.lm_head.weight.dtype):
             if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one
                 state.install_cache(model, rows, cache_len)
             else:

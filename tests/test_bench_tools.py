@@ -8,7 +8,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_generate  # noqa: E402
-from bench_generate import spread  # noqa: E402
+from bench_generate import equal_positions, spread  # noqa: E402
 from scale_results import merge  # noqa: E402
 
 
@@ -20,6 +20,11 @@ def test_spread_takes_the_fewest_evenly_spaced_batches_that_hold_enough_prompts(
     short = [batches[0], ["x", "y"]]  # the one middle batch is the short last one: take both
     assert spread(short, 8) == short
     assert spread(batches, 10_000) == batches
+
+
+def test_equal_positions_counts_every_position_of_the_longer_row():
+    assert equal_positions([[1, 2, 3], [4]], [[1, 9, 3], [4, 5]]) == 3 / 5
+    assert equal_positions([[7, 8]], [[7, 8]]) == 1.0
 
 
 def test_hf_job_peak_covers_the_longest_batch(monkeypatch):

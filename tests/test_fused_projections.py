@@ -80,3 +80,17 @@ def test_layers_with_a_bias_keep_their_own_forward():
     assert _parts(nf4_linear(torch.randn(16, 128), torch.zeros(16), torch.float32)) is None
     assert _parts(nf4_linear(torch.randn(16, 128), None, torch.float32)) is not None
     assert _parts(torch.nn.Linear(128, 16)) is None
+
+
+def test_generate_through_the_groups_gives_the_eager_tokens(model, monkeypatch):
+    """generate(groups=True) on the CPU decodes through the groups (greedy and 3 beams) and returns the tokens of
+    the eager path (groups off: each layer's own forward), float32 on both."""
+    from qlora_core.generate import generate
+    group_calls = count_group_calls(monkeypatch)
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9)]
+    for beams in (1, 3):
+        eager = generate(model, prompts, 8, num_beams=beams, groups=False)
+        assert not group_calls
+        assert generate(model, prompts, 8, num_beams=beams, groups=True) == eager
+        assert group_calls
+        group_calls.clear()
