@@ -3,6 +3,7 @@ stacked A matmul and one addmm a member, against a dense float64 reference and t
 import bitsandbytes as bnb
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import write_checkpoint
 from qlora_core import load_model
@@ -94,3 +95,33 @@ def test_generate_through_the_groups_gives_the_eager_tokens(model, monkeypatch):
         assert generate(model, prompts, 8, num_beams=beams, groups=True) == eager
         assert group_calls
         group_calls.clear()
+
+
+@pytest.mark.parametrize("kernel", ["agrees", "disagrees", "fails"])
+def test_the_nf4_kernel_is_checked_once_a_shape_and_dropped_where_it_is_wrong(model, monkeypatch, kernel):
+    """The group's first call of a shape compares the kernel with dequantize + GEMM (here bitsandbytes on the CPU,
+    the kernel faked): a kernel that agrees is used from then on unchecked; one that disagrees or raises is never
+    called again for that shape, and the group's outputs are matmuls' either way."""
+    import qlora_core.kernels.fused_projections as fp
+    monkeypatch.setattr(fp, "CHECKED", {})
+    group = projection_groups(model)[0]  # q/k/v of layer 0
+    group.refresh(torch.float32)
+    calls = []
+
+    def fake(x, layers, h, bs, ranks):
+        calls.append(x.shape)
+        if kernel == "fails":
+            raise RuntimeError("no kernel here")
+        y = torch.cat(group.matmuls(x, h), dim=-1)
+        return y + (1.0 if kernel == "disagrees" else 0.0)
+
+    monkeypatch.setattr(fp.nf4_matmul, "supports", lambda x, layers: True)
+    monkeypatch.setattr(fp.nf4_matmul, "nf4_matmul", fake)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = torch.cat(group.matmuls(x, F.linear(x, group.a)), dim=-1)
+        for _ in range(3):
+            y = torch.cat([group.forward(i, x) for i in range(3)], dim=-1)
+            assert torch.allclose(y, expected, atol=1e-6)
+    assert len(calls) == (3 if kernel == "agrees" else 1)
+    assert list(fp.CHECKED.values()) == [kernel == "agrees"]

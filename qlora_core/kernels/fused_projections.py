@@ -19,11 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import bnb, is_4bit
+from ..util import log
 from . import nf4_matmul
 from .nf4_dequant import dequantize_nf4, use_kernel as dequantizes
 
 MAX_ROWS = 32
 """Most rows a group computes (a decode step's batch x beams); calls with more (prefill) run each layer's forward."""
+CHECKED: dict = {}
+"""Shapes (device, dtype, rows, in, outs, ranks) on which the NF4 kernel was checked against dequantize + GEMM:
+True where it agreed, False where it failed or disagreed (those decode through `matmuls`)."""
 GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
 """Projections that share an input, by the submodule that holds them."""
@@ -86,14 +90,42 @@ class ProjectionGroup:
                 or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
         h = F.linear(x, self.a) if any(self.ranks) else None
-        if nf4_matmul.supports(x, self.bases):
-            y = nf4_matmul.nf4_matmul(x, self.bases, h, self.b, self.ranks)
-            outs = list(y.split([base.out_features for base in self.bases], dim=-1))
-        else:
+        outs = self.kernel(x, h)
+        if outs is None:
             outs = self.matmuls(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
+
+    def kernel(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor] | None:
+        """Each member's output through one nf4_matmul launch, or None where it does not apply.
+
+        The first call of each shape (outside CUDA graph capture: the decode steps' warm-up runs) is checked against
+        `matmuls`; if the kernel fails or disagrees, that shape keeps to `matmuls`, with a warning.
+        """
+        if not nf4_matmul.supports(x, self.bases):
+            return None
+        sig = (str(x.device), x.dtype, x.numel() // x.shape[-1], x.shape[-1],
+               tuple(b.out_features for b in self.bases), tuple(self.ranks))
+        if CHECKED.get(sig) is False:
+            return None
+        try:
+            y = nf4_matmul.nf4_matmul(x, self.bases, h, self.b, self.ranks)
+        except Exception as e:  # a compiler or launch error on this card: keep decoding, through matmuls
+            CHECKED[sig] = False
+            log(f"WARNING: the NF4 kernel failed ({type(e).__name__}: {e}); {sig} decodes through dequantize + "
+                f"GEMM instead")
+            return None
+        outs = list(y.split([b.out_features for b in self.bases], dim=-1))
+        if sig not in CHECKED and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            ref = torch.cat([r.reshape(y.shape[:-1] + r.shape[-1:]) for r in self.matmuls(x, h)], dim=-1).float()
+            err, scale = (y.float() - ref).abs().max().item(), ref.abs().max().item()
+            CHECKED[sig] = err <= 2e-2 * scale + 1e-3
+            if not CHECKED[sig]:
+                log(f"WARNING: the NF4 kernel disagrees with dequantize + GEMM (max error {err:.3g} at output scale "
+                    f"{scale:.3g}); {sig} decodes through dequantize + GEMM instead")
+                return None
+        return outs
 
     def matmuls(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor]:
         """Each member's output, a matmul each (dequantize + GEMM on CUDA, else bitsandbytes' 4-bit matmul), its
