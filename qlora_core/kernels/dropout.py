@@ -18,6 +18,8 @@ Where Triton cannot run (the CPU, a missing Triton) `seeded` is False and LoRA d
 """
 import torch
 
+from . import runs_on
+
 try:
     import triton
     import triton.language as tl
@@ -32,11 +34,9 @@ BLOCKS_PER_SPLIT = 8
 SPLITS = 32
 """Row ranges of `down_backward`'s A gradient, each summed by its own programs into a float32 partial."""
 _seeds: dict = {}
+seeded = runs_on
+"""seeded(x): whether dropout on x's device draws from the seed (where our Triton kernels run: CUDA with Triton)."""
 
-
-def seeded(x: torch.Tensor) -> bool:
-    """Whether dropout on x's device draws from the seed (CUDA with Triton)."""
-    return triton is not None and x.is_cuda
 
 
 def seed_tensor(device) -> torch.Tensor:

@@ -9,6 +9,8 @@ absmax in registers and writes the weight in one launch. Where Triton cannot run
 import bitsandbytes.functional as bnbF
 import torch
 
+from . import runs_on
+
 try:
     import triton
     import triton.language as tl
@@ -53,7 +55,7 @@ def host_offset(state) -> float:
 
 def use_kernel(weight: torch.Tensor, state) -> bool:
     """The kernel covers CUDA NF4 weights with double quantization and the usual block sizes (64 and 256)."""
-    return (triton is not None and weight.is_cuda and state.nested and state.quant_type == "nf4"
+    return (runs_on(weight) and state.nested and state.quant_type == "nf4"
             and state.blocksize == 64 and state.state2.blocksize == 256 and weight.dtype == torch.uint8)
 
 

@@ -14,6 +14,8 @@ path; a kernel that does not pay is to be deleted.
 """
 import torch
 
+from . import runs_on  # noqa: F401  (model.py asks fused.runs_on(x))
+
 try:
     import triton
     import triton.language as tl
@@ -25,10 +27,6 @@ BLOCK = 1024
 ROWS_PER_PROGRAM = 16
 """Rows one RMSNorm backward program covers, summing their weight gradient before writing it once."""
 
-
-def runs_on(x: torch.Tensor) -> bool:
-    """Whether the fused kernels run for x: a CUDA tensor, with Triton."""
-    return triton is not None and x.is_cuda
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
