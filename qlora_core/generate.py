@@ -384,9 +384,11 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     was_training = model.training
     model.eval()
     state = decode_state(model)
-    active = state.groups if (device.type == "cuda" if groups is None else groups) else []
+    if groups is None:
+        groups = device.type == "cuda"
     try:
-        with torch.inference_mode(), fused_projections(model, active, model.lm_head.weight.dtype):
+        with torch.inference_mode(), fused_projections(model, state.groups if groups else [],
+                                                       model.lm_head.weight.dtype):
             if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one
                 state.install_cache(model, rows, cache_len)
             else:

@@ -8,9 +8,10 @@ q/k/v read the same normed hidden state, and so do gate/up. At decode time (a fe
     GEMM, and one addmm for LoRA (bitsandbytes would dequantize in three kernels, or run its GEMV);
   - elsewhere (the CPU, other 4-bit formats): bitsandbytes' 4-bit matmul per member and one addmm,
 instead of a bitsandbytes call and six kernels of LoRA per projection (casting A and B, two matmuls, the scaling,
-the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged: while `fused_projections(model)` is active, each projection's `forward` is
-replaced on the instance; the first member of a group called with an input computes the whole group and keeps the
-other members' outputs for their calls with the same input tensor. Calls with many rows or with gradients run the
+the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged:
+while `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first
+member of a group called with an input computes the whole group and keeps the other members' outputs for their
+calls with the same input tensor. Calls with many rows or with gradients run the
 layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
@@ -118,7 +119,7 @@ class ProjectionGroup:
             return None
         outs = list(y.split([b.out_features for b in self.bases], dim=-1))
         if sig not in CHECKED and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-            ref = torch.cat([r.reshape(y.shape[:-1] + r.shape[-1:]) for r in self.matmuls(x, h)], dim=-1).float()
+            ref = torch.cat(self.matmuls(x, h), dim=-1).float()
             err, scale = (y.float() - ref).abs().max().item(), ref.abs().max().item()
             CHECKED[sig] = err <= 2e-2 * scale + 1e-3
             if not CHECKED[sig]:

@@ -17,7 +17,7 @@ the caller uses bitsandbytes.
 """
 import torch
 
-from .nf4_dequant import host_offset
+from .nf4_dequant import host_offset, use_kernel as dequantizes
 
 try:
     from triton.experimental import gluon
@@ -41,14 +41,14 @@ def supports(x: torch.Tensor, layers) -> bool:
         return False
     for layer in layers:
         s = layer.weight.quant_state
-        if (layer.bias is not None or s is None or s.quant_type != "nf4" or not s.nested or s.blocksize != 64
-                or s.state2.blocksize != 256 or s.absmax.dtype != torch.uint8 or tuple(s.shape)[1] != x.shape[-1]):
+        if (layer.bias is not None or s is None or not dequantizes(layer.weight.data, s)
+                or s.absmax.dtype != torch.uint8 or tuple(s.shape)[1] != x.shape[-1]):
             return False
     return True
 
 
 def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-               out: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+               config: tuple | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
 
     h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
@@ -61,7 +61,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
         x2 = x2.contiguous()
     rows = x2.shape[0]
     ns = [layer.weight.quant_state.shape[0] for layer in layers]
-    y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device) if out is None else out
+    y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device)
     ranks = list(ranks) if ranks is not None else [0] * len(layers)
     h2 = h.reshape(rows, -1) if h is not None else x2
     r_cfg, t_cfg, warps = config or CONFIGS[rows]
