@@ -53,9 +53,11 @@ def load(impl: str, model_dir, device, args):
         add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
         model.eval()
 
-        def gen(prompts: list[list[int]], num_beams: int = 1) -> list[list[int]]:
+        def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False) -> list[list[int]]:
+            """eager: our eager path, no CUDA graph and no projection groups (each layer's own forward)."""
             return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None,
-                            pad_id=0, cuda_graph=impl == "ours" and str(device).startswith("cuda"))
+                            pad_id=0, cuda_graph=impl == "ours" and str(device).startswith("cuda") and not eager,
+                            groups=False if eager else None)
         return model, gen
 
     from peft import LoraConfig, get_peft_model
@@ -164,13 +166,6 @@ def spread(batches: list, n_prompts: int) -> list:
     return batches
 
 
-def eager(model, prompts: list[list[int]], num_beams: int, args) -> list[list[int]]:
-    """Our eager path's new tokens: no CUDA graph, no projection groups (each layer's own forward)."""
-    from qlora_core.generate import generate
-    return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None, pad_id=0,
-                    cuda_graph=False, groups=False)
-
-
 def equal_positions(a: list[list[int]], b: list[list[int]]) -> float:
     """The share of positions, over all rows, where a's and b's tokens are equal (a missing token is unequal)."""
     total = sum(max(len(x), len(y)) for x, y in zip(a, b))
@@ -192,19 +187,22 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
         if mode not in args.modes.split(","):
             continue
 
-        def run():
+        def run() -> list[list[int]]:
+            tokens = []
             for b in work:
                 out = gen(b, beams)
                 if any(len(t) != args.new_tokens for t in out):
                     raise RuntimeError(f"{impl} {mode}: rows of {[len(t) for t in out]} new tokens, expected "
                                        f"{args.new_tokens}")
+                tokens += out
+            return tokens
 
         with cuda_timer(device) as t:
             run()  # untimed, on every side alike: autotuning, graph capture, allocator and library warm-up
         cold = t["s"]
         reset_peak(device)
         with cuda_timer(device) as t:
-            run()
+            timed = run()
         if mode == "job" and not any(b is batches[0] for b in work):  # untimed: the peak of the longest batch too
             gen(batches[0], beams)
         n_prompts = sum(len(b) for b in work)
@@ -216,8 +214,7 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
                      **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
         log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
         if impl == "ours" and mode != "job":
-            rows[-1]["equal_eager"] = equal_positions([t for b in work for t in gen(b, beams)],
-                                                      [t for b in work for t in eager(model, b, beams, args)])
+            rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
         if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
             first = work[0]
