@@ -4,7 +4,8 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `kernel`: qlora_core.kernels.nf4_matmul over the group's weights, LoRA r 4 in its epilogue (h precomputed), at
   rows <= its MAX_ROWS; with --sweep, every tile configuration in SWEEP as well (`config` says which);
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
-- `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight.
+- `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
+- `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each split in MMA_SPLITS).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
@@ -26,6 +27,8 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 SWEEP = [(4, 4, 4), (2, 4, 4), (1, 4, 4), (4, 2, 4), (2, 2, 4), (2, 4, 8), (4, 4, 2), (1, 2, 4)]
 """(R weight rows, T words a thread, warps) tried by --sweep."""
+MMA_SPLITS = [1, 2, 4, 8, 16]
+"""Parts of K the tensor-core kernel (`mma`) is tried with by --sweep (None: its own choice)."""
 
 
 def projection_shapes(cfg) -> dict:
@@ -75,6 +78,7 @@ def main():
     import bitsandbytes as bnb
 
     from qlora_core.kernels import nf4_matmul as nf4
+    from qlora_core.kernels import nf4_mma
     from qlora_core.kernels.nf4_dequant import dequantize_nf4
     from qlora_core.quant import nf4_linear
 
@@ -116,6 +120,10 @@ def main():
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
+                if nf4_mma.supports(x, members):
+                    splits = [None] + (MMA_SPLITS if args.sweep else [])
+                    impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
+                              for c in splits]
                 for impl, config, fn in impls:
                     try:
                         fn(0)
@@ -127,14 +135,14 @@ def main():
                         continue
                     gbs = nbytes / (ms / 1000) / 1e9
                     rows_out.append({"impl": impl, "config": str(config or nf4.CONFIGS.get(rows)) if impl == "kernel"
-                                     else None, "group": group, "rows": rows,
+                                     else str(config) if impl == "mma" else None, "group": group, "rows": rows,
                                      "n": sum(m.out_features for m in members), "k": members[0].in_features,
                                      "us": 1000 * ms, "gb_per_s": gbs, "of_bandwidth": gbs / args.bandwidth,
                                      "weight_gib": nbytes / GIB, "copies": len(sets),
-                                     "default": impl != "kernel" or config is None})
+                                     "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "bnb", "dequant_gemm"):
+            for impl in ("kernel", "mma", "bnb", "dequant_gemm"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,

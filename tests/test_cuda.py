@@ -462,3 +462,45 @@ def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shap
     err = (y.float() - ref).abs()
     bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
     assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())
+
+
+def nf4_bf16_code_reference(x, layers, h, bs, ranks):
+    """float32: x @ W^T + LoRA, W = bf16(NF4 value of each code) * its block's absmax (what the tensor-core kernel
+    multiplies: its NF4 values are bf16), from the packed codes and bitsandbytes' own absmax dequantization."""
+    import bitsandbytes.functional as bnbF
+    outs, start = [], 0
+    for layer, b, r in zip(layers, bs, ranks):
+        state = layer.weight.quant_state
+        packed = layer.weight.data.view(-1)
+        codes = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()
+        absmax = bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        w = (state.code[codes].to(torch.bfloat16).float().view(-1, 64) * absmax.float()[:, None]).view(state.shape)
+        y = x.float() @ w.t()
+        if r:
+            y = y + h[:, start:start + r].float() @ b.float().t()
+            start += r
+        outs.append(y)
+    return torch.cat(outs, dim=-1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 32])
+@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("shapes,ranks", [
+    ([(96, 640), (40, 640), (40, 640)], [4, 0, 8]),  # a partial tile, a segment without LoRA, K = 10 blocks
+    ([(4096, 4096), (4096, 4096), (4096, 4096)], [4, 4, 4]),  # Llama-2-7B's q/k/v
+    ([(4096, 11008)], [4]),                          # its down
+])
+def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ranks):
+    from qlora_core.kernels import nf4_mma
+    layers, bs = nf4_group(shapes, ranks)
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
+    h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
+    assert nf4_mma.supports(x, layers)
+    ref = nf4_bf16_code_reference(x, layers, h, bs, ranks)
+    with torch.inference_mode():
+        for _ in range(2):  # the second call finds the workspace and counters zero again
+            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split)
+            err = (y.float() - ref).abs()
+            bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
+            assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..quant import bnb, is_4bit
 from ..util import log
-from . import nf4_matmul
+from . import nf4_matmul, nf4_mma
 from .nf4_dequant import dequantize_nf4, use_kernel as dequantizes
 
 MAX_ROWS = 32
@@ -104,14 +104,15 @@ class ProjectionGroup:
         The first call of each shape (outside CUDA graph capture: the decode steps' warm-up runs) is checked against
         `matmuls`; if the kernel fails or disagrees, that shape keeps to `matmuls`, with a warning.
         """
-        if not nf4_matmul.supports(x, self.bases):
+        use_mma = nf4_mma.supports(x, self.bases)
+        if not use_mma and not nf4_matmul.supports(x, self.bases):
             return None
         sig = (str(x.device), x.dtype, x.numel() // x.shape[-1], x.shape[-1],
                tuple(b.out_features for b in self.bases), tuple(self.ranks))
         if CHECKED.get(sig) is False:
             return None
         try:
-            y = nf4_matmul.nf4_matmul(x, self.bases, h, self.b, self.ranks)
+            y = (nf4_mma.nf4_mma if use_mma else nf4_matmul.nf4_matmul)(x, self.bases, h, self.b, self.ranks)
         except Exception as e:  # a compiler or launch error on this card: keep decoding, through matmuls
             CHECKED[sig] = False
             log(f"WARNING: the NF4 kernel failed ({type(e).__name__}: {e}); {sig} decodes through dequantize + "

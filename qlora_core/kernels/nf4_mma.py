@@ -1,0 +1,240 @@
+"""y = x @ W^T (+ LoRA) for 1 to 32 rows over bitsandbytes' NF4 weights, on the tensor cores (Gluon, mma.sync).
+
+NOT YET RUN ON A GPU (written in a session without device time; compiled for sm_90 offline, where its SASS loop is
+3.6 instructions a weight at 8 rows and 4.7 at 32, against nf4_matmul's 5.4 at 1 row). Next session: run
+tests/test_cuda.py -k nf4_mma, then benchmarks/bench_nf4_matmul.py, and keep it only where it wins.
+
+Computed as y^T = W x^T: the weight tile is mma's A operand [16 rows a warp, 64 k] and x^T its B operand [64 k, BM
+rows of x padded to 8, 16 or 32], so the rows of x cost tensor-core work, not FMAs, and the weight is decoded once for
+all of them. Decoding:
+- a thread of mma's A layout holds, per row and block of 64 codes, the pairs k = 8j + 2q + e (j 0..7, e 0..1, q its
+  lane % 4). A dot product may take K in any order, so that tile's k is mapped to the block's physical codes
+  16q + 2j + e, which are the thread's 8 contiguous bytes: one 64-bit load a row and block. x's tile takes the same
+  map (16 contiguous bf16 a thread);
+- a byte's two codes are one register of bf16 pairs (the lower k in the low half), read from a 256-entry table of
+  pairs in shared memory, kept COPIES times so that the lanes of a warp read different banks;
+- the products of a block are scaled by its absmax (code2[u8] * absmax2 + offset) once, in float32.
+Few programs would leave most of the card idle at 1 to 32 rows, so K is split: each split adds its float32 partial
+into a workspace with atomics, and the split that finishes last adds LoRA, stores the output and zeroes its tile and
+counter for the next call (which makes the kernel safe to replay from a CUDA graph).
+"""
+import torch
+
+from .nf4_dequant import host_offset
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+except ImportError:  # CPU builds of torch come without Triton
+    gluon = None
+
+MAX_ROWS = 32
+MAX_SEGMENTS = 3
+COPIES = 8
+"""Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB."""
+WARPS = 4
+TARGET_PROGRAMS = 528
+"""About 4 programs an H200 SM: K is split until the tiles times the splits reach this."""
+
+
+def supports(x: torch.Tensor, layers) -> bool:
+    """Whether the kernel computes x @ W^T for these bnb.nn.Linear4bit layers (no bias, same in_features)."""
+    if gluon is None or not x.is_cuda or x.dtype != torch.bfloat16:
+        return False
+    if not 1 <= len(layers) <= MAX_SEGMENTS or x.numel() // x.shape[-1] > MAX_ROWS or x.shape[-1] % 64:
+        return False
+    for layer in layers:
+        s = layer.weight.quant_state
+        if (layer.bias is not None or s is None or s.quant_type != "nf4" or not s.nested or s.blocksize != 64
+                or s.state2.blocksize != 256 or s.absmax.dtype != torch.uint8 or tuple(s.shape)[1] != x.shape[-1]):
+            return False
+    return True
+
+
+_pairs: dict = {}
+_workspaces: dict = {}
+
+
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """int32 [256]: byte b's two NF4 values in bf16, code[b >> 4] in the low half (the first, lower k), code[b & 15]
+    in the high half."""
+    key = (code.device, code.data_ptr())
+    if key not in _pairs:
+        bits = code.to(torch.bfloat16).view(torch.int16).to(torch.int64) & 0xFFFF
+        b = torch.arange(256, device=code.device)
+        pairs = bits[b >> 4] | (bits[b & 15] << 16)
+        _pairs[key] = torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32)
+    return _pairs[key]
+
+
+def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 [n_total, MAX_ROWS] partial sums, int32 [tiles] split counters), zero, kept per device and size:
+    every launch leaves them zero again."""
+    key = (str(device), n_total, tiles)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.zeros((n_total, MAX_ROWS), dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
+
+
+def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
+            split: int | None = None) -> torch.Tensor:
+    """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
+    h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
+    for TARGET_PROGRAMS programs)."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1 or x2.stride(0) != k:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    bm = 8 if rows <= 8 else 16 if rows <= 16 else 32
+    ns = [layer.weight.quant_state.shape[0] for layer in layers]
+    y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device)
+    ranks = list(ranks) if ranks is not None else [0] * len(layers)
+    h2 = h.reshape(rows, -1) if h is not None else x2
+    block_n = 16 * WARPS
+    seg, start, tiles = [], 0, 0
+    for i in range(MAX_SEGMENTS):
+        if i < len(layers):
+            s = layers[i].weight.quant_state
+            b = bs[i] if bs is not None and bs[i] is not None and ranks[i] else h2
+            seg += [layers[i].weight.data.view(-1), s.absmax, s.state2.absmax, s.state2.code, host_offset(s), b,
+                    ns[i], ranks[i] if b is not h2 else 0, start, tiles]
+            start += ranks[i]
+            tiles += -(-ns[i] // block_n)
+        else:
+            seg += seg[:10]
+            seg[-1] = tiles  # an unused segment starts after the last tile
+    blocks = k // 64
+    if split is None:
+        split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
+    per_split = -(-blocks // split)
+    split = -(-blocks // per_split)  # no empty splits
+    ws, counters = workspace(x.device, sum(ns), tiles)
+    lay = _layouts(bm, WARPS)
+    _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
+                            rows, k, h2.stride(0), y.stride(0), per_split,
+                            BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
+    return y.view(*x.shape[:-1], sum(ns))
+
+
+def _layouts(bm: int, warps: int):
+    """(the bytes [BN, 32] of a block: a thread's 8 contiguous bytes of two rows 8 apart, as mma's A layout holds
+    them; x's [BM, 64] codes of a block: a thread's 16 contiguous ones of its rows, as the B layout holds them)."""
+    warp_rows = [[16 * 2 ** i, 0] for i in range(warps.bit_length() - 1)]
+    lb = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+                                    lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+                                    warp_bases=warp_rows, block_bases=[], shape=[16 * warps, 32])
+    m_regs = [[8 * 2 ** i, 0] for i in range((bm // 8).bit_length() - 1)]
+    lxp = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + m_regs,
+                                     lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+                                     warp_bases=[[0, 0]] * (warps.bit_length() - 1), block_bases=[], shape=[bm, 64])
+    return lb, lxp
+
+
+def _asm_lane(copies: int) -> str:
+    """The shared address of this lane's copy of the pair table (the kernel's only allocation)."""
+    return (f"{{ .reg .u32 l; mov.u32 l, %laneid; and.b32 l, l, {copies - 1}; "
+            "mov.u32 $0, global_smem; mad.lo.u32 $0, l, 4, $0; }")
+
+
+def _asm_decode(copies: int) -> str:
+    """Four bytes ($4) to their four bf16 pairs ($0..$3), from the table at this lane's copy ($5)."""
+    body = "".join(f"prmt.b32 b{i}, $4, 0, 0x444{i}; " for i in range(4))
+    body += "".join(f"mad.lo.u32 a{i}, b{i}, {4 * copies}, $5; " for i in range(4))
+    body += "".join(f"ld.shared.u32 ${i}, [a{i}]; " for i in range(4))
+    return "{ .reg .u32 b<4>, a<4>; " + body + "}"
+
+
+if gluon is not None:
+    @gluon.jit
+    def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
+                w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
+                w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
+                w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
+                M, K, stride_h, stride_y, per_split,
+                BM: gl.constexpr, W: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr, COPIES: gl.constexpr,
+                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
+        """One program: 16 * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
+        DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+        DB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+        BN: gl.constexpr = 16 * W
+        pid = gl.program_id(0)
+        part = gl.program_id(1)
+        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0
+        tile = pid
+        col0 = 0
+        if pid >= t1:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1
+            tile = pid - t1
+            col0 = n0
+        if pid >= t2:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2
+            tile = pid - t2
+            col0 = n0 + n1
+        kb_total = K // 64
+        lo = part * per_split
+        hi = gl.minimum(lo + per_split, kb_total)
+
+        # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
+        rn_b = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LB)), N - 1)
+        rb_b = gl.arange(0, 32, layout=gl.SliceLayout(0, LB))
+        w_off = gl.expand_dims(rn_b.to(gl.int64) * (K // 2), 1) + gl.expand_dims(rb_b, 0)
+        rm_x = gl.minimum(gl.arange(0, BM, layout=gl.SliceLayout(1, LXP)), M - 1)
+        rp_x = gl.arange(0, 64, layout=gl.SliceLayout(0, LXP))
+        x_off = gl.expand_dims(rm_x * K, 1) + gl.expand_dims(rp_x, 0)
+        rn_s = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
+        s_row = rn_s.to(gl.int64) * kb_total
+
+        LT: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
+        ti = gl.arange(0, 256 * COPIES, layout=LT)
+        table = gl.allocate_shared_memory(gl.int32, [256 * COPIES], gl.SwizzledSharedLayout(1, 1, 1, [0]),
+                                          gl.load(pairs_ptr + ti // COPIES))
+        gl.thread_barrier()
+        lane_base = gl.inline_asm_elementwise(ASM_LANE, "=r", [], dtype=gl.uint32, is_pure=True, pack=1)
+        lane_bases = gl.full([BN, 32], 0, gl.uint32, LB) + lane_base
+
+        acc = gl.zeros([BN, BM], gl.float32, MMA)
+        for kb in range(lo, hi):
+            byte = gl.load(w_ptr + w_off + kb * 32)
+            pair = gl.inline_asm_elementwise(ASM_DECODE, "=r,=r,=r,=r,r,r,r,r,r", [byte, lane_bases],
+                                             dtype=gl.int32, is_pure=True, pack=4)
+            low = (pair & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            high = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            t = gl.permute(gl.reshape(gl.join(low, high), [BN, 4, 8, 2]), [0, 2, 1, 3])   # (row, j, q, e)
+            a = gl.convert_layout(gl.reshape(t, [BN, 64]), DA, assert_trivial=True)      # k = 8j + 2q + e
+            xt = gl.permute(gl.reshape(gl.load(x_ptr + x_off + kb * 64), [BM, 4, 8, 2]), [2, 1, 3, 0])
+            b = gl.convert_layout(gl.reshape(xt, [64, BM]), DB, assert_trivial=True)     # x's same k
+            q = gl.load(am_ptr + s_row + kb).to(gl.int32)
+            scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + (s_row + kb) // 256) + offset
+            acc += mma_v2(a, b, gl.zeros([BN, BM], gl.float32, MMA)) * gl.expand_dims(scale, 1)
+        table._keep_alive()
+
+        rn_o = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+        rm_o = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
+        ws_off = gl.expand_dims((col0 + rn_o) * BM, 1) + gl.expand_dims(rm_o, 0)
+        n_ok = gl.expand_dims(rn_o < N, 1) & gl.expand_dims(rm_o < BM, 0)
+        last = True
+        if SPLIT > 1:
+            gl.atomic_add(ws_ptr + ws_off, acc, mask=n_ok, sem="relaxed")
+            gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.thread_barrier()
+            done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+            last = done == SPLIT - 1
+        if last:
+            if SPLIT > 1:
+                gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                          is_pure=False, pack=1)
+                acc = gl.load(ws_ptr + ws_off, mask=n_ok, other=0.0, cache_modifier=".cg")
+                gl.store(ws_ptr + ws_off, gl.zeros([BN, BM], gl.float32, MMA), mask=n_ok)
+                gl.store(cnt_ptr + pid, 0)
+            for r in range(0, rank):
+                hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
+                bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
+                acc += gl.expand_dims(bv, 1) * gl.expand_dims(hv, 0)
+            gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 0) + col0 + gl.expand_dims(rn_o, 1),
+                     acc.to(y_ptr.dtype.element_ty), mask=n_ok & gl.expand_dims(rm_o < M, 0))
