@@ -104,8 +104,8 @@ class ProjectionGroup:
         The first call of each shape (outside CUDA graph capture: the decode steps' warm-up runs) is checked against
         `matmuls`; if the kernel fails or disagrees, that shape keeps to `matmuls`, with a warning.
         """
-        use_mma = nf4_mma.supports(x, self.bases)
-        if not use_mma and not nf4_matmul.supports(x, self.bases):
+        use_mma = not nf4_matmul.supports(x, self.bases)
+        if use_mma and not nf4_mma.supports(x, self.bases):
             return None
         sig = (str(x.device), x.dtype, x.numel() // x.shape[-1], x.shape[-1],
                tuple(b.out_features for b in self.bases), tuple(self.ranks))
