@@ -27,9 +27,8 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 SWEEP = [(4, 4, 4), (2, 4, 4), (1, 4, 4), (4, 2, 4), (2, 2, 4), (2, 4, 8), (4, 4, 2), (1, 2, 4)]
 """(R weight rows, T words a thread, warps) tried by --sweep."""
-MMA_SWEEP = [(s, u, p) for s in (None, 4, 8) for u, p in ((1, False), (2, False), (4, False), (1, True))]
-"""(parts of K (None: its own choice), blocks an iteration, prefetch) the tensor-core kernel (`mma`) is tried with by
---sweep."""
+MMA_SPLITS = [1, 2, 4, 8, 16]
+"""Parts of K the tensor-core kernel (`mma`) is tried with by --sweep (None: its own choice)."""
 
 
 def projection_shapes(cfg) -> dict:
@@ -122,9 +121,9 @@ def main():
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
                 if nf4_mma.supports(x, members):
-                    configs = [None] + (MMA_SWEEP if args.sweep else [])
-                    impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, *(c or ())))
-                              for c in configs]
+                    splits = [None] + (MMA_SPLITS if args.sweep else [])
+                    impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
+                              for c in splits]
                 for impl, config, fn in impls:
                     try:
                         fn(0)

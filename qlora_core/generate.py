@@ -131,6 +131,8 @@ class DecodeState:
         if full is None or full.shape[4] < cache_len:
             for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffer about to be replaced
                 del self.steps[key]
+            if not self.steps:  # a pool no graph uses cannot take captures again while tensors of it live on
+                self.pool = None
             self.caches.pop(rows, None)
             attn, p = model.model.layers[0].self_attn, model.lm_head.weight
             full = self.caches[rows] = torch.zeros((rows, len(model.model.layers), 2, attn.n_kv, cache_len,

@@ -3,9 +3,10 @@
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
 - h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype),
   and then the base matmuls with h's columns of each member @ B^T added (B kept in the compute dtype):
-  - on CUDA, up to nf4_matmul.MAX_ROWS rows: one launch of our NF4 kernel for the whole group, LoRA included;
-  - on CUDA, more rows: each weight dequantized by our one-kernel NF4 dequantization into a scratch buffer, then a
-    GEMM, and one addmm for LoRA (bitsandbytes would dequantize in three kernels, or run its GEMV);
+  - on CUDA, one launch of our NF4 kernel for the whole group, LoRA included: nf4_matmul up to its MAX_ROWS (2)
+    rows, the tensor-core nf4_mma from 3 rows (bf16 inputs);
+  - on CUDA where neither applies: each weight dequantized by our one-kernel NF4 dequantization into a scratch
+    buffer, then a GEMM, and one addmm for LoRA (bitsandbytes would dequantize in three kernels, or run its GEMV);
   - elsewhere (the CPU, other 4-bit formats): bitsandbytes' 4-bit matmul per member and one addmm,
 instead of a bitsandbytes call and six kernels of LoRA per projection (casting A and B, two matmuls, the scaling,
 the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged:
@@ -99,7 +100,8 @@ class ProjectionGroup:
         return outs[index]
 
     def kernel(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor] | None:
-        """Each member's output through one nf4_matmul launch, or None where it does not apply.
+        """Each member's output through one launch of nf4_matmul (up to its MAX_ROWS) or nf4_mma, or None where neither
+        applies.
 
         The first call of each shape (outside CUDA graph capture: the decode steps' warm-up runs) is checked against
         `matmuls`; if the kernel fails or disagrees, that shape keeps to `matmuls`, with a warning.

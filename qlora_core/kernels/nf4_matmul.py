@@ -26,7 +26,8 @@ except ImportError:  # CPU builds of torch come without Triton
     gluon = None
 
 MAX_ROWS = 2
-"""Most x rows the kernel takes: beyond, each NF4 value's multiply-adds no longer hide its decoding cost."""
+"""Most x rows the kernel takes: from 3 rows the tensor-core kernel (nf4_mma) is faster, as each NF4 value's
+multiply-adds no longer hide its decoding cost."""
 MAX_SEGMENTS = 3
 CONFIGS = {1: (4, 4, 4), 2: (4, 4, 4)}
 """Rows of x -> (R weight rows, T words a thread, warps): the fastest over Llama-2-7B's groups on an H200

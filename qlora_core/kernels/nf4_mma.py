@@ -1,8 +1,10 @@
 """y = x @ W^T (+ LoRA) for 1 to 32 rows over bitsandbytes' NF4 weights, on the tensor cores (Gluon, mma.sync).
 
-NOT YET RUN ON A GPU (written in a session without device time; compiled for sm_90 offline, where its SASS loop is
-3.6 instructions a weight at 8 rows and 4.7 at 32, against nf4_matmul's 5.4 at 1 row). Next session: run
-tests/test_cuda.py -k nf4_mma, then benchmarks/bench_nf4_matmul.py, and keep it only where it wins.
+Measured on an H200 (benchmarks/bench_nf4_matmul.py, results/nf4_matmul.json), over one decode step of
+Llama-2-7B's matmuls: 3.63 ms at 3 rows, 3.79 at 8 and 5.71 at 24, against bitsandbytes' 7.21, 11.49 and 11.72 and
+our dequantize + GEMM's 8.5; about 1,000 GB/s of weights up to 8 rows. At 1 and 2 rows nf4_matmul is faster (2.47 and
+3.03 ms against 3.55 and 3.65), so decoding uses this kernel from 3 rows. Unrolling its K loop by 2 or 4 blocks, or
+loading the next block's bytes a step ahead, left its time unchanged (sweep at 9a198b8).
 
 Computed as y^T = W x^T: the weight tile is mma's A operand [16 rows a warp, 64 k] and x^T its B operand [64 k, BM
 rows of x padded to 8, 16 or 32], so the rows of x cost tensor-core work, not FMAs, and the weight is decoded once for
@@ -79,7 +81,7 @@ def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-            split: int | None = None, unroll: int = 1, pipe: bool = False) -> torch.Tensor:
+            split: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
     for TARGET_PROGRAMS programs)."""
@@ -110,16 +112,13 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     if split is None:
         split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
     per_split = -(-blocks // split)
-    if blocks % unroll:
-        unroll = 1
-    per_split = -(-per_split // unroll) * unroll
     split = -(-blocks // per_split)  # no empty splits
     ws, counters = workspace(x.device, sum(ns), tiles)
     lay = _layouts(bm, WARPS)
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, U=unroll, PIPE=pipe, num_warps=WARPS)
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
     return y.view(*x.shape[:-1], sum(ns))
 
 
@@ -152,21 +151,6 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-
-    @gluon.jit
-    def _block(byte, x_ptrs, lane_bases, scale, BN: gl.constexpr, BM: gl.constexpr, MMA: gl.constexpr,
-               DA: gl.constexpr, DB: gl.constexpr, ASM_DECODE: gl.constexpr):
-        """One block of 64 k: the weight tile's bytes decoded to bf16 pairs, times x^T on the tensor cores, scaled."""
-        pair = gl.inline_asm_elementwise(ASM_DECODE, "=r,=r,=r,=r,r,r,r,r,r", [byte, lane_bases],
-                                         dtype=gl.int32, is_pure=True, pack=4)
-        low = (pair & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
-        high = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
-        t = gl.permute(gl.reshape(gl.join(low, high), [BN, 4, 8, 2]), [0, 2, 1, 3])   # (row, j, q, e)
-        a = gl.convert_layout(gl.reshape(t, [BN, 64]), DA, assert_trivial=True)      # k = 8j + 2q + e
-        xt = gl.permute(gl.reshape(gl.load(x_ptrs), [BM, 4, 8, 2]), [2, 1, 3, 0])
-        b = gl.convert_layout(gl.reshape(xt, [64, BM]), DB, assert_trivial=True)     # x's same k
-        return mma_v2(a, b, gl.zeros([BN, BM], gl.float32, MMA)) * gl.expand_dims(scale, 1)
-
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
                 w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
@@ -174,8 +158,7 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, W: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr, COPIES: gl.constexpr,
-                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr, U: gl.constexpr,
-                PIPE: gl.constexpr):
+                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
         """One program: 16 * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -217,25 +200,19 @@ if gluon is not None:
         lane_bases = gl.full([BN, 32], 0, gl.uint32, LB) + lane_base
 
         acc = gl.zeros([BN, BM], gl.float32, MMA)
-        if PIPE:  # the next block's weight and absmax bytes load while this one computes
-            byte_n = gl.load(w_ptr + w_off + lo * 32)
-            q_n = gl.load(am_ptr + s_row + lo)
-            for kb in range(lo, hi):
-                byte = byte_n
-                q = q_n.to(gl.int32)
-                kn = gl.minimum(kb + 1, hi - 1)
-                byte_n = gl.load(w_ptr + w_off + kn * 32)
-                q_n = gl.load(am_ptr + s_row + kn)
-                scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + (s_row + kb) // 256) + offset
-                acc += _block(byte, x_ptr + x_off + kb * 64, lane_bases, scale, BN, BM, MMA, DA, DB, ASM_DECODE)
-        else:
-            for kb0 in range(lo, hi, U):  # U blocks an iteration, so that their loads are in flight together
-                for u in gl.static_range(U):
-                    kb = kb0 + u
-                    q = gl.load(am_ptr + s_row + kb).to(gl.int32)
-                    scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + (s_row + kb) // 256) + offset
-                    byte = gl.load(w_ptr + w_off + kb * 32)
-                    acc += _block(byte, x_ptr + x_off + kb * 64, lane_bases, scale, BN, BM, MMA, DA, DB, ASM_DECODE)
+        for kb in range(lo, hi):
+            byte = gl.load(w_ptr + w_off + kb * 32)
+            pair = gl.inline_asm_elementwise(ASM_DECODE, "=r,=r,=r,=r,r,r,r,r,r", [byte, lane_bases],
+                                             dtype=gl.int32, is_pure=True, pack=4)
+            low = (pair & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            high = (pair >> 16).to(gl.int16).to(gl.bfloat16, bitcast=True)
+            t = gl.permute(gl.reshape(gl.join(low, high), [BN, 4, 8, 2]), [0, 2, 1, 3])   # (row, j, q, e)
+            a = gl.convert_layout(gl.reshape(t, [BN, 64]), DA, assert_trivial=True)      # k = 8j + 2q + e
+            xt = gl.permute(gl.reshape(gl.load(x_ptr + x_off + kb * 64), [BM, 4, 8, 2]), [2, 1, 3, 0])
+            b = gl.convert_layout(gl.reshape(xt, [64, BM]), DB, assert_trivial=True)     # x's same k
+            q = gl.load(am_ptr + s_row + kb).to(gl.int32)
+            scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + (s_row + kb) // 256) + offset
+            acc += mma_v2(a, b, gl.zeros([BN, BM], gl.float32, MMA)) * gl.expand_dims(scale, 1)
         table._keep_alive()
 
         rn_o = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
