@@ -5,7 +5,8 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
   rows <= its MAX_ROWS; with --sweep, every tile configuration in SWEEP as well (`config` says which);
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
-- `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each split in MMA_SPLITS).
+- `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
+  MMA_SPLITS).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
