@@ -36,9 +36,16 @@ CONFIGS = {1: (4, 4, 4), 2: (4, 4, 4)}
 
 def supports(x: torch.Tensor, layers) -> bool:
     """Whether the kernel computes x @ W^T for these bnb.nn.Linear4bit layers (no bias, same in_features)."""
-    if gluon is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16):
+    return gluon is not None and fits(x, layers, MAX_ROWS, (torch.bfloat16, torch.float16))
+
+
+def fits(x: torch.Tensor, layers, max_rows: int, dtypes) -> bool:
+    """Whether x (CUDA, of one of dtypes, at most max_rows rows, in_features a multiple of 64) and 1 to MAX_SEGMENTS
+    bnb.nn.Linear4bit layers (no bias, NF4 with double quantization, in_features x's) suit an NF4 few-rows kernel:
+    nf4_matmul's and nf4_mma's `supports`."""
+    if not x.is_cuda or x.dtype not in dtypes:
         return False
-    if not 1 <= len(layers) <= MAX_SEGMENTS or x.numel() // x.shape[-1] > MAX_ROWS or x.shape[-1] % 64:
+    if not 1 <= len(layers) <= MAX_SEGMENTS or x.numel() // x.shape[-1] > max_rows or x.shape[-1] % 64:
         return False
     for layer in layers:
         s = layer.weight.quant_state

@@ -23,6 +23,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 import torch
 
 from .nf4_dequant import host_offset
+from .nf4_matmul import MAX_SEGMENTS, fits
 
 try:
     from triton.experimental import gluon
@@ -32,7 +33,6 @@ except ImportError:  # CPU builds of torch come without Triton
     gluon = None
 
 MAX_ROWS = 32
-MAX_SEGMENTS = 3
 COPIES = 8
 """Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB."""
 WARPS = 4
@@ -42,16 +42,7 @@ TARGET_PROGRAMS = 528
 
 def supports(x: torch.Tensor, layers) -> bool:
     """Whether the kernel computes x @ W^T for these bnb.nn.Linear4bit layers (no bias, same in_features)."""
-    if gluon is None or not x.is_cuda or x.dtype != torch.bfloat16:
-        return False
-    if not 1 <= len(layers) <= MAX_SEGMENTS or x.numel() // x.shape[-1] > MAX_ROWS or x.shape[-1] % 64:
-        return False
-    for layer in layers:
-        s = layer.weight.quant_state
-        if (layer.bias is not None or s is None or s.quant_type != "nf4" or not s.nested or s.blocksize != 64
-                or s.state2.blocksize != 256 or s.absmax.dtype != torch.uint8 or tuple(s.shape)[1] != x.shape[-1]):
-            return False
-    return True
+    return gluon is not None and fits(x, layers, MAX_ROWS, (torch.bfloat16,))
 
 
 _pairs: dict = {}
