@@ -104,11 +104,11 @@ class GraphedDecodeStep:
 class DecodeState:
     """What `generate` keeps between calls on one model: its projection groups, KV caches and captured decode steps.
 
-    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache of each row count is
-    one buffer [rows, layers, 2 (k, v), kv_heads, slots, head_dim] of the longest length seen; every layer's k and v
-    are views of it, and a shorter call uses the leading slots, so every graph of that row count keeps reading the
-    same memory, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch
-    memory from one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
+    Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache is one buffer [rows,
+    layers, 2 (k, v), kv_heads, slots, head_dim] of the most rows and slots seen; a call's layers view its leading
+    rows and slots, so every graph keeps reading the same memory, a job's last, smaller batch needs no buffer of its
+    own, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch memory from
+    one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
     model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)`
     frees it all.
     """
@@ -116,7 +116,8 @@ class DecodeState:
     def __init__(self, model):
         self.signature = decode_signature(model)
         self.groups = projection_groups(model)
-        self.caches: dict[int, torch.Tensor] = {}
+        self.cache: torch.Tensor | None = None
+        """The KV buffer that every call's caches view."""
         self.steps: dict[tuple[int, int], GraphedDecodeStep] = {}
         self.pool = None
         """The captured steps' shared memory pool, made at the first capture."""
@@ -126,18 +127,20 @@ class DecodeState:
         """The part of a buffer that the model's caches view during the current call."""
 
     def install_cache(self, model, rows: int, cache_len: int) -> None:
-        """Give the model KV caches of cache_len slots for rows rows, views of the buffer kept for that row count."""
-        full = self.caches.get(rows)
-        if full is None or full.shape[4] < cache_len:
-            for key in [k for k in self.steps if k[0] == rows]:  # captured on the buffer about to be replaced
-                del self.steps[key]
-            if not self.steps:  # a pool no graph uses cannot take captures again while tensors of it live on
-                self.pool = None
-            self.caches.pop(rows, None)
+        """Give the model KV caches of cache_len slots for rows rows: views of the kept buffer's leading rows and
+        slots, the buffer replaced by a larger one (and the steps captured on it dropped) where it is too small."""
+        full = self.cache
+        if full is None or full.shape[0] < rows or full.shape[4] < cache_len:
+            kept_rows, kept_slots = (0, 0) if full is None else (full.shape[0], full.shape[4])
+            self.steps.clear()  # captured on the buffer about to be replaced
+            self.pool = None  # a pool no graph uses cannot take captures again while tensors of it live on
+            self.cache = self.installed = full = None
+            model.clear_cache()  # the old buffer's views: it is freed before the new one is made
             attn, p = model.model.layers[0].self_attn, model.lm_head.weight
-            full = self.caches[rows] = torch.zeros((rows, len(model.model.layers), 2, attn.n_kv, cache_len,
-                                                    attn.head_dim), dtype=p.dtype, device=p.device)
-        self.installed = full[:, :, :, :, :cache_len]
+            full = self.cache = torch.zeros((max(rows, kept_rows), len(model.model.layers), 2, attn.n_kv,
+                                             max(cache_len, kept_slots), attn.head_dim), dtype=p.dtype,
+                                            device=p.device)
+        self.installed = full[:rows, :, :, :, :cache_len]
         for i, layer in enumerate(model.model.layers):
             view = KVCache(rows, full.shape[3], 0, full.shape[5], full.dtype, full.device)
             view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
@@ -391,10 +394,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     try:
         with torch.inference_mode(), fused_projections(model, state.groups if groups else [],
                                                        model.lm_head.weight.dtype):
-            if device.type == "cuda":  # eager decoding too: the same cache layout as the graphed one
-                state.install_cache(model, rows, cache_len)
-            else:
-                model.setup_cache(rows, cache_len)
+            state.install_cache(model, rows, cache_len)  # every path: the same cache layout as the graphed one
             step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,

@@ -217,10 +217,11 @@ def test_cuda_graph_needs_a_cuda_model(tmp_path):
         gen.generate(model, [[1, 5, 9]], 4, cuda_graph=True)
 
 
-def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
-    """Captured steps read the KV cache where it was at capture: a shorter call gets views of the kept buffer, a
-    longer one replaces it (and drops the steps captured on it); reordering it equals reordering layer by layer;
-    new LoRA layers give the model a new state."""
+def test_decode_state_keeps_one_cache_buffer(tmp_path):
+    """Captured steps read the KV cache where it was at capture: a call of fewer rows or slots gets views of the
+    kept buffer's leading ones, a larger one replaces it (by one of the most rows and slots seen) and drops every
+    step captured on it; reordering it equals reordering layer by layer; new LoRA layers give the model a new
+    state."""
     from qlora_core.lora import add_lora
     write_checkpoint(tmp_path)
     model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
@@ -241,8 +242,15 @@ def test_decode_state_keeps_cache_buffers_per_row_count(tmp_path):
     for c, (k, v) in zip(caches, before):
         assert torch.equal(c.k[:, :, :40], k[rows, :, :40]) and torch.equal(c.k[:, :, 40:], k[:, :, 40:])
         assert torch.equal(c.v[:, :, :40], v[rows, :, :40])
-    state.install_cache(model, 3, 192)
-    assert model.model.layers[1].self_attn.kv_cache.v.shape[2] == 192 and list(state.steps) == [(2, 64)]
+    state.install_cache(model, 2, 32)  # a job's last, smaller batch: the leading rows of the same buffer
+    k = model.model.layers[1].self_attn.kv_cache.k
+    assert k.shape[:3] == (2, full.shape[1], 32) and k.data_ptr() == state.cache[:, 1, 0].data_ptr()
+    assert state.cache.shape[0] == 3 and len(state.steps) == 2
+    state.install_cache(model, 2, 192)  # more slots: a new buffer of the most rows and slots, no steps kept
+    assert state.cache.shape[0] == 3 and state.cache.shape[4] == 192 and not state.steps
+    assert model.model.layers[1].self_attn.kv_cache.v.shape[:3] == (2, full.shape[1], 192)
+    state.install_cache(model, 5, 16)
+    assert state.cache.shape[0] == 5 and state.cache.shape[4] == 192
     model.clear_cache()
     add_lora(model)
     assert gen.decode_state(model) is not state
