@@ -20,7 +20,9 @@ covers the job's longest batch (length_batches puts it first), run once more aft
 implementation runs each mode's work once untimed first, then once timed (`cold_s` is the untimed run: kernel
 autotuning, graph capture, allocator and library warm-up). Ours' greedy and beam3 rows also say `equal_eager`: the
 share of new-token positions where the timed path's tokens equal our eager path's (no CUDA graph, no projection
-groups: each layer's own forward) on the same prompts; bf16 can flip near-ties.
+groups: each layer's own forward) on the same prompts; bf16 can flip near-ties, and every token after a flip
+follows it. Ours' greedy row also says `agree_forced`: the share of its tokens that are the argmax of the model's
+own forward over the prompt and the tokens before them (teacher forcing, so a flip counts once).
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
@@ -172,6 +174,19 @@ def equal_positions(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)) / max(total, 1)
 
 
+def forced_agreement(model, prompts: list[list[int]], tokens: list[list[int]]) -> float:
+    """The share of new-token positions where the token is the argmax of the model's forward (no cache, each
+    layer's own forward) over its prompt and the tokens before it."""
+    same = total = 0
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for prompt, new in zip(prompts, tokens):
+            logits = model(torch.tensor([prompt + new[:-1]], device=device))[0, len(prompt) - 1:]
+            same += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), new))
+            total += len(new)
+    return same / max(total, 1)
+
+
 def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list, save) -> None:
     """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation, appended to
     rows; save() after each."""
@@ -216,6 +231,9 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
         if impl == "ours" and mode != "job":
             rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
+        if impl == "ours" and mode == "greedy":
+            rows[-1]["agree_forced"] = forced_agreement(model, [p for b in work for p in b], timed)
+            log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%}")
         if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
             first = work[0]
             with cuda_timer(device) as t:
@@ -246,7 +264,7 @@ def adl_workload(args, impls, cfg, model_dir):
         free_memory(args.device)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
     report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
-                        "job_seconds", "peak_alloc_gib", "equal_eager", "gpu_busy", "cold_s", "load_s",
+                        "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "gpu_busy", "cold_s", "load_s",
                         "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir, "decode",
            prompt_lengths=[len(p) for p in prompts])
 

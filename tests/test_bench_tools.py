@@ -4,11 +4,15 @@ import json
 import sys
 from types import SimpleNamespace
 
-from conftest import ROOT
+import torch
+
+from conftest import ROOT, write_checkpoint
+from qlora_core import load_model
+from qlora_core.generate import generate
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_generate  # noqa: E402
-from bench_generate import equal_positions, spread  # noqa: E402
+from bench_generate import equal_positions, forced_agreement, spread  # noqa: E402
 from scale_results import merge  # noqa: E402
 
 
@@ -20,6 +24,18 @@ def test_spread_takes_the_fewest_evenly_spaced_batches_that_hold_enough_prompts(
     short = [batches[0], ["x", "y"]]  # the one middle batch is the short last one: take both
     assert spread(short, 8) == short
     assert spread(batches, 10_000) == batches
+
+
+def test_forced_agreement_counts_the_tokens_the_models_own_forward_picks(tmp_path):
+    """Greedy tokens (float32, CPU) are each the argmax of the model's forward over the prompt and the tokens before
+    them; a changed last token is the one position that disagrees."""
+    write_checkpoint(tmp_path)
+    model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
+    prompts = [[1, 5, 9, 3], [1, 7]]
+    tokens = generate(model, prompts, 6)
+    assert forced_agreement(model, prompts, tokens) == 1.0
+    changed = [tokens[0], tokens[1][:-1] + [(tokens[1][-1] + 1) % 32]]
+    assert forced_agreement(model, prompts, changed) == 11 / 12
 
 
 def test_equal_positions_counts_every_position_of_the_longer_row():
