@@ -187,6 +187,8 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+        if mask is not None and mask.dtype != q.dtype:  # an additive mask made in another dtype than q's
+            mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return project(y.transpose(1, 2).reshape(b, t, -1), self.o_proj)[0]
 
@@ -325,6 +327,8 @@ class LlamaModel(nn.Module):
         if input_pos is not None or attention_mask is not None:
             pos = input_pos if input_pos is not None else torch.arange(input_ids.shape[1], device=x.device)
             mask = attention_bias_mask(pos, kv_len, attention_mask)
+        if isinstance(mask, torch.Tensor):
+            mask = additive_mask(mask, x.dtype)
         if position_ids is None:
             position_ids = default_position_ids(input_ids, attention_mask, input_pos)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids.to(x.device), x.dtype)
@@ -348,6 +352,12 @@ def default_position_ids(input_ids, attention_mask, input_pos):
     if attention_mask is None:
         return input_pos[None].expand(b, -1)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, input_pos]
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as the additive one (0 or -inf) that SDPA computes with, made once a
+    forward: given a boolean mask, SDPA converts it again in every layer (two elementwise kernels a layer)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def attention_bias_mask(input_pos, kv_len, attention_mask):
