@@ -106,6 +106,25 @@ def _layout(bm: int, r: int, t: int, warps: int):
 
 if gluon is not None:
     @gluon.jit
+    def segment(pid, w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
+                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2):
+        """The segment of program pid's output columns (segments 1 and 2 start at tiles t1 and t2): its weight,
+        absmax, absmax2, code2, offset, B, N, rank and first h column, pid's tile within it, its first output
+        column. Shared with nf4_mma."""
+        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0
+        tile = pid
+        col0 = 0
+        if pid >= t1:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1
+            tile = pid - t1
+            col0 = n0
+        if pid >= t2:
+            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2
+            tile = pid - t2
+            col0 = n0 + n1
+        return w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0
+
+    @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, lut_ptr,
                 w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
                 w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
@@ -124,16 +143,9 @@ if gluon is not None:
         LO: gl.constexpr = gl.SliceLayout(2, LP)                 # [BM, BN] output
 
         pid = gl.program_id(0)
-        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile = w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, pid
-        col0 = 0
-        if pid >= t1:
-            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1
-            tile = pid - t1
-            col0 = n0
-        if pid >= t2:
-            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2
-            tile = pid - t2
-            col0 = n0 + n1
+        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0 = segment(
+            pid, w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
+            w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2)
         kb_total = K // 64
 
         # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
@@ -160,8 +172,9 @@ if gluon is not None:
 
         # The NF4 values in shared memory, addressed by byte: base | code * 4. base, the kernel's only allocation,
         # is 0x400 on sm_90 (ptxas resolves it; the SASS reads MOV R, 0x400), so its low 6 bits are zero.
+        L16: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
         lut = gl.allocate_shared_memory(gl.float32, [16], gl.SwizzledSharedLayout(1, 1, 1, [0]),
-                                        gl.load(lut_ptr + gl.arange(0, 16, layout=gl.BlockedLayout([1], [32], [W], [0]))))
+                                        gl.load(lut_ptr + gl.arange(0, 16, layout=L16)))
         gl.thread_barrier()
         base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r", [], dtype=gl.uint32, is_pure=True,
                                          pack=1)

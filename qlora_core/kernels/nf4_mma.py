@@ -142,6 +142,8 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
+    from .nf4_matmul import segment
+
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
                 w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
@@ -157,17 +159,9 @@ if gluon is not None:
         BN: gl.constexpr = 16 * W
         pid = gl.program_id(0)
         part = gl.program_id(1)
-        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0
-        tile = pid
-        col0 = 0
-        if pid >= t1:
-            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1
-            tile = pid - t1
-            col0 = n0
-        if pid >= t2:
-            w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc = w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2
-            tile = pid - t2
-            col0 = n0 + n1
+        w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0 = segment(
+            pid, w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
+            w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2)
         kb_total = K // 64
         lo = part * per_split
         hi = gl.minimum(lo + per_split, kb_total)
