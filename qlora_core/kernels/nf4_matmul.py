@@ -63,6 +63,22 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     cols being that layer's ranks[i] columns of h. Only where `supports(x, layers)`. config: (R, T, warps) instead
     of CONFIGS' (the benchmark's sweep).
     """
+    rows = x.numel() // x.shape[-1]
+    r_cfg, t_cfg, warps = config or CONFIGS[rows]
+    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, r_cfg * warps, torch.int32)
+    lut = layers[0].weight.quant_state.code
+    _kernel[(tiles,)](x2, y, h2, lut, *seg, rows, x2.shape[1], h2.stride(0), y.stride(0),
+                      BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
+                      num_warps=warps)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+def launch_args(x: torch.Tensor, layers, h, bs, ranks, block_n: int, weight_dtype: torch.dtype):
+    """What nf4_matmul and nf4_mma launch with: (x as [rows, in] with unit strides, y [rows, sum of outs] to fill, h
+    as [rows, sum r] (x where there is none), the MAX_SEGMENTS segments' arguments (an unused one repeats the first,
+    starting after the last tile), the tiles of block_n output columns). Each segment: the packed weight viewed as
+    weight_dtype, absmax, absmax2, code2, the offset, B (h where the layer has no LoRA), N, rank, first h column,
+    first tile."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1 or x2.stride(0) != k:
@@ -72,25 +88,19 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device)
     ranks = list(ranks) if ranks is not None else [0] * len(layers)
     h2 = h.reshape(rows, -1) if h is not None else x2
-    r_cfg, t_cfg, warps = config or CONFIGS[rows]
-    block_n = r_cfg * warps
     seg, start, tiles = [], 0, 0
     for i in range(MAX_SEGMENTS):
         if i < len(layers):
             s = layers[i].weight.quant_state
             b = bs[i] if bs is not None and bs[i] is not None and ranks[i] else h2
-            seg += [layers[i].weight.data.view(-1).view(torch.int32), s.absmax, s.state2.absmax, s.state2.code,
+            seg += [layers[i].weight.data.view(-1).view(weight_dtype), s.absmax, s.state2.absmax, s.state2.code,
                     host_offset(s), b, ns[i], ranks[i] if b is not h2 else 0, start, tiles]
             start += ranks[i]
             tiles += -(-ns[i] // block_n)
         else:
             seg += seg[:10]
             seg[-1] = tiles  # an unused segment starts after the last tile
-    lut = layers[0].weight.quant_state.code
-    _kernel[(tiles,)](x2, y, h2, lut, *seg, rows, k, h2.stride(0), y.stride(0),
-                      BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                      num_warps=warps)
-    return y.view(*x.shape[:-1], sum(ns))
+    return x2, y, h2, seg, tiles
 
 
 def _pow2(n: int) -> int:

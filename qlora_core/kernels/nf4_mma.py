@@ -22,8 +22,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 """
 import torch
 
-from .nf4_dequant import host_offset
-from .nf4_matmul import MAX_SEGMENTS, fits
+from .nf4_matmul import fits, launch_args
 
 try:
     from triton.experimental import gluon
@@ -76,41 +75,21 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
     for TARGET_PROGRAMS programs)."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1 or x2.stride(0) != k:
-        x2 = x2.contiguous()
-    rows = x2.shape[0]
+    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * WARPS, torch.uint8)
+    rows, k = x2.shape
     bm = 8 if rows <= 8 else 16 if rows <= 16 else 32
-    ns = [layer.weight.quant_state.shape[0] for layer in layers]
-    y = torch.empty((rows, sum(ns)), dtype=x.dtype, device=x.device)
-    ranks = list(ranks) if ranks is not None else [0] * len(layers)
-    h2 = h.reshape(rows, -1) if h is not None else x2
-    block_n = 16 * WARPS
-    seg, start, tiles = [], 0, 0
-    for i in range(MAX_SEGMENTS):
-        if i < len(layers):
-            s = layers[i].weight.quant_state
-            b = bs[i] if bs is not None and bs[i] is not None and ranks[i] else h2
-            seg += [layers[i].weight.data.view(-1), s.absmax, s.state2.absmax, s.state2.code, host_offset(s), b,
-                    ns[i], ranks[i] if b is not h2 else 0, start, tiles]
-            start += ranks[i]
-            tiles += -(-ns[i] // block_n)
-        else:
-            seg += seg[:10]
-            seg[-1] = tiles  # an unused segment starts after the last tile
     blocks = k // 64
     if split is None:
         split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
     per_split = -(-blocks // split)
     split = -(-blocks // per_split)  # no empty splits
-    ws, counters = workspace(x.device, sum(ns), tiles)
+    ws, counters = workspace(x.device, y.shape[1], tiles)
     lay = _layouts(bm, WARPS)
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
                             ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
-    return y.view(*x.shape[:-1], sum(ns))
+    return y.view(*x.shape[:-1], y.shape[1])
 
 
 def _layouts(bm: int, warps: int):
