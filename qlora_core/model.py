@@ -187,8 +187,6 @@ class Attention(nn.Module):
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
-        if mask is not None and mask.dtype != q.dtype:  # an additive mask made in another dtype than q's
-            mask = mask.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return project(y.transpose(1, 2).reshape(b, t, -1), self.o_proj)[0]
 

@@ -38,7 +38,6 @@ seeded = runs_on
 """seeded(x): whether dropout on x's device draws from the seed (where our Triton kernels run: CUDA with Triton)."""
 
 
-
 def seed_tensor(device) -> torch.Tensor:
     """The device's dropout seed, an int64 [1] that every mask reads."""
     device = torch.device(device)

@@ -28,7 +28,6 @@ ROWS_PER_PROGRAM = 16
 """Rows one RMSNorm backward program covers, summing their weight gradient before writing it once."""
 
 
-
 def as_rows(t: torch.Tensor) -> torch.Tensor:
     """t as [rows, last dim] with unit stride along the last dim: a view where t's strides allow it (q, k, gate and
     up are column slices of one projection output), else a copy."""
