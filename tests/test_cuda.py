@@ -492,8 +492,11 @@ def nf4_bf16_code_reference(x, layers, h, bs, ranks):
     ([(11008, 4096), (11008, 4096)], [4, 4]),        # its gate/up
     ([(4096, 11008)], [4]),                          # its down
 ])
-def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ranks):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ranks, prefetch):
     from qlora_core.kernels import nf4_mma
+    if not prefetch and split is not None:
+        pytest.skip("without the prefetch: the default split only")
     layers, bs = nf4_group(shapes, ranks)
     gen = torch.Generator("cuda").manual_seed(1)
     x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
@@ -502,7 +505,7 @@ def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ran
     ref = nf4_bf16_code_reference(x, layers, h, bs, ranks)
     with torch.inference_mode():
         for _ in range(2):  # the second call finds the workspace and counters zero again
-            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split)
+            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split, prefetch=prefetch)
             err = (y.float() - ref).abs()
             bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
             assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())

@@ -16,6 +16,10 @@ all of them. Decoding:
 - a byte's two codes are one register of bf16 pairs (the lower k in the low half), read from a 256-entry table of
   pairs in shared memory, kept COPIES times so that the lanes of a warp read different banks;
 - the products of a block are scaled by its absmax (code2[u8] * absmax2 + offset) once, in float32.
+Branch wip/nf4-prefetch (not yet run on a GPU): each program first asks L2 for its rows' bytes of its split, one
+contiguous bulk prefetch a row (cp.async.bulk.prefetch.L2, sm_90), since the loop reads 32 bytes a row at a time,
+rows 2-5 KiB apart, which the sweep suggested holds it near 1,000 GB/s whatever the loop's depth; bench_nf4_matmul's
+`mma_noprefetch` rows are the A/B.
 Few programs would leave most of the card idle at 1 to 32 rows, so K is split: each split adds its float32 partial
 into a workspace with atomics, and the split that finishes last adds LoRA, stores the output and zeroes its tile and
 counter for the next call (which makes the kernel safe to replay from a CUDA graph).
@@ -71,7 +75,7 @@ def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-            split: int | None = None) -> torch.Tensor:
+            split: int | None = None, prefetch: bool = True) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
     for TARGET_PROGRAMS programs)."""
@@ -88,7 +92,8 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PREFETCH=prefetch,
+                            num_warps=WARPS)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -130,7 +135,8 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, W: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr, COPIES: gl.constexpr,
-                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
+                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr,
+                PREFETCH: gl.constexpr):
         """One program: 16 * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -145,6 +151,13 @@ if gluon is not None:
         lo = part * per_split
         hi = gl.minimum(lo + per_split, kb_total)
 
+        if PREFETCH:  # each row's bytes of this split, asked of L2 in one contiguous bulk read
+            LR: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+            rows_p = gl.minimum(tile * BN + gl.arange(0, BN, layout=LR), N - 1)
+            start = (w_ptr + rows_p.to(gl.int64) * (K // 2) + lo * 32).to(gl.int64, bitcast=True)
+            size = gl.full([BN], 0, gl.int32, LR) + (hi - lo) * 32
+            gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                      [start, size], dtype=gl.int32, is_pure=False, pack=1)
         # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
         rn_b = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LB)), N - 1)
         rb_b = gl.arange(0, 32, layout=gl.SliceLayout(0, LB))
