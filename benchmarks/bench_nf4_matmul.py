@@ -6,7 +6,8 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
-  MMA_SPLITS); `mma_noprefetch` without its bulk L2 prefetch of each row's bytes (branch wip/nf4-prefetch: an A/B).
+  MMA_SPLITS); `mma_noprefetch` and `kernel_noprefetch` without their bulk L2 prefetch of each row's bytes (branch
+  wip/nf4-prefetch: an A/B).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
@@ -121,6 +122,8 @@ def main():
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
+                    impls.append(("kernel_noprefetch", None, lambda i: nf4.nf4_matmul(x, sets[i], h, bs, ranks,
+                                                                                      prefetch=False)))
                 if nf4_mma.supports(x, members):
                     splits = [None] + (MMA_SPLITS if args.sweep else [])
                     impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
@@ -145,7 +148,7 @@ def main():
                                      "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "mma", "mma_noprefetch", "bnb", "dequant_gemm"):
+            for impl in ("kernel", "kernel_noprefetch", "mma", "mma_noprefetch", "bnb", "dequant_gemm"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,

@@ -56,7 +56,7 @@ def fits(x: torch.Tensor, layers, max_rows: int, dtypes) -> bool:
 
 
 def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-               config: tuple | None = None) -> torch.Tensor:
+               config: tuple | None = None, prefetch: bool = True) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
 
     h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
@@ -69,7 +69,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     lut = layers[0].weight.quant_state.code
     _kernel[(tiles,)](x2, y, h2, lut, *seg, rows, x2.shape[1], h2.stride(0), y.stride(0),
                       BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                      num_warps=warps)
+                      PREFETCH=prefetch, num_warps=warps)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -135,12 +135,22 @@ if gluon is not None:
         return w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0
 
     @gluon.jit
+    def prefetch_l2(starts, nbytes):
+        """Ask L2 for nbytes from each address in starts (16-byte aligned, nbytes a multiple of 16), a bulk
+        prefetch each (cp.async.bulk.prefetch.L2, sm_90): rows read a few bytes at a time come from DRAM in whole
+        runs. Shared with nf4_mma."""
+        size = gl.zeros_like(starts, dtype=gl.int32) + nbytes
+        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                  [starts.to(gl.int64, bitcast=True), size], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, lut_ptr,
                 w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
                 w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y,
-                BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr):
+                BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr,
+                PREFETCH: gl.constexpr):
         """One program: BN = R * W output columns of one segment, for all M rows, over the whole of K."""
         TB: gl.constexpr = 8 // T
         NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
@@ -169,6 +179,8 @@ if gluon is not None:
         shifts = gl.expand_dims(gl.expand_dims(gl.expand_dims(
             (8 * (rj // 2) + 4 * (1 - rj % 2)).to(gl.uint32), 0), 1), 2)
         rn_s = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N - 1)
+        if PREFETCH:  # each row's K // 2 bytes, asked of L2 in one contiguous bulk read
+            prefetch_l2(w_ptr + rn_s.to(gl.int64) * (K // 8), K // 2)
         rb_s = gl.arange(0, NB, layout=gl.SliceLayout(0, LS))
         s_row = gl.expand_dims(rn_s.to(gl.int64) * kb_total, 1)
         rm_x = gl.minimum(gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX)))),

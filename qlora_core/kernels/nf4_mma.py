@@ -126,7 +126,7 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-    from .nf4_matmul import segment
+    from .nf4_matmul import prefetch_l2, segment
 
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
@@ -152,12 +152,8 @@ if gluon is not None:
         hi = gl.minimum(lo + per_split, kb_total)
 
         if PREFETCH:  # each row's bytes of this split, asked of L2 in one contiguous bulk read
-            LR: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
-            rows_p = gl.minimum(tile * BN + gl.arange(0, BN, layout=LR), N - 1)
-            start = (w_ptr + rows_p.to(gl.int64) * (K // 2) + lo * 32).to(gl.int64, bitcast=True)
-            size = gl.full([BN], 0, gl.int32, LR) + (hi - lo) * 32
-            gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                      [start, size], dtype=gl.int32, is_pure=False, pack=1)
+            rows_p = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [W], [0])), N - 1)
+            prefetch_l2(w_ptr + rows_p.to(gl.int64) * (K // 2) + lo * 32, (hi - lo) * 32)
         # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
         rn_b = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LB)), N - 1)
         rb_b = gl.arange(0, 32, layout=gl.SliceLayout(0, LB))
