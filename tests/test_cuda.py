@@ -510,3 +510,8 @@ def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ran
             err = (y.float() - ref).abs()
             bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
             assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())
+
+
+def test_beam_reorder_kernel_matches_the_gather_on_cuda():
+    from test_beam_reorder import check_reorder
+    check_reorder("cuda")
