@@ -7,7 +7,9 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
   MMA_SPLITS); `mma_noprefetch` and `kernel_noprefetch` without their bulk L2 prefetch of each row's bytes (branch
-  wip/nf4-prefetch: an A/B).
+  wip/nf4-prefetch: an A/B);
+- `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
+  and by F.linear (cuBLAS), the A/B of branch wip/lora-a (their GB/s column counts the NF4 weights: ignore it).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
@@ -80,7 +82,7 @@ def main():
     import bitsandbytes as bnb
 
     from qlora_core.kernels import nf4_matmul as nf4
-    from qlora_core.kernels import nf4_mma
+    from qlora_core.kernels import lora_a, nf4_mma
     from qlora_core.kernels.nf4_dequant import dequantize_nf4
     from qlora_core.quant import nf4_linear
 
@@ -118,6 +120,10 @@ def main():
                     return outs
 
                 impls = [("bnb", None, plain), ("dequant_gemm", None, dequant_gemm)]
+                a = torch.randn(sum(ranks), x.shape[-1], device="cuda", dtype=torch.bfloat16) / 64
+                if lora_a.supports(x, a):  # LoRA's h = x A^T of the group: the kernel (branch wip/lora-a), cuBLAS
+                    impls += [("lora_a", None, lambda i: lora_a.lora_a(x, a)),
+                              ("lora_a_linear", None, lambda i: F.linear(x, a))]
                 if nf4.supports(x, members):
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
@@ -148,7 +154,8 @@ def main():
                                      "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "kernel_noprefetch", "mma", "mma_noprefetch", "bnb", "dequant_gemm"):
+            for impl in ("kernel", "kernel_noprefetch", "mma", "mma_noprefetch", "bnb", "dequant_gemm", "lora_a",
+                         "lora_a_linear"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,

@@ -515,3 +515,8 @@ def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ran
 def test_beam_reorder_kernel_matches_the_gather_on_cuda():
     from test_beam_reorder import check_reorder
     check_reorder("cuda")
+
+
+def test_lora_a_kernel_matches_f_linear_on_cuda():
+    from test_lora_a import check_lora_a
+    check_lora_a("cuda")
