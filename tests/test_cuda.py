@@ -520,3 +520,8 @@ def test_beam_reorder_kernel_matches_the_gather_on_cuda():
 def test_lora_a_kernel_matches_f_linear_on_cuda():
     from test_lora_a import check_lora_a
     check_lora_a("cuda")
+
+
+def test_rope_into_cache_matches_rope_and_the_cache_update_on_cuda():
+    from test_fused_elementwise import check_rope_into_cache
+    check_rope_into_cache("cuda")
