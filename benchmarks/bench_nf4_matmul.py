@@ -6,8 +6,7 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
-  MMA_SPLITS); `mma_noprefetch` and `kernel_noprefetch` without their bulk L2 prefetch of each row's bytes (branch
-  wip/nf4-prefetch: an A/B);
+  MMA_SPLITS);
 - `kernel_nosplit`: nf4_matmul without splitting K (branch wip/next: the A/B of its split);
 - `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
   and by F.linear (cuBLAS), the A/B of branch wip/lora-a (their GB/s column counts the NF4 weights: ignore it).
@@ -129,15 +128,11 @@ def main():
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
-                    impls.append(("kernel_noprefetch", None, lambda i: nf4.nf4_matmul(x, sets[i], h, bs, ranks,
-                                                                                      prefetch=False)))
                     impls.append(("kernel_nosplit", None, lambda i: nf4.nf4_matmul(x, sets[i], h, bs, ranks, split=1)))
                 if nf4_mma.supports(x, members):
                     splits = [None] + (MMA_SPLITS if args.sweep else [])
                     impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
                               for c in splits]
-                    impls.append(("mma_noprefetch", None, lambda i: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks,
-                                                                                    prefetch=False)))
                 for impl, config, fn in impls:
                     try:
                         fn(0)
@@ -156,7 +151,7 @@ def main():
                                      "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "kernel_noprefetch", "kernel_nosplit", "mma", "mma_noprefetch", "bnb",
+            for impl in ("kernel", "kernel_nosplit", "mma", "bnb",
                          "dequant_gemm", "lora_a", "lora_a_linear"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):

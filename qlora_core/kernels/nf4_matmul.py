@@ -61,7 +61,7 @@ def fits(x: torch.Tensor, layers, max_rows: int, dtypes) -> bool:
 
 
 def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-               config: tuple | None = None, prefetch: bool = True, split: int | None = None) -> torch.Tensor:
+               config: tuple | None = None, split: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
 
     h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
@@ -81,7 +81,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     ws, counters = workspace(x.device, y.shape[1], tiles)
     _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                            PREFETCH=prefetch, SPLIT=split, num_warps=warps)
+                            SPLIT=split, num_warps=warps)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -160,15 +160,6 @@ if gluon is not None:
         return w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0
 
     @gluon.jit
-    def prefetch_l2(starts, nbytes):
-        """Ask L2 for nbytes from each address in starts (16-byte aligned, nbytes a multiple of 16), a bulk
-        prefetch each (cp.async.bulk.prefetch.L2, sm_90): rows read a few bytes at a time come from DRAM in whole
-        runs. Shared with nf4_mma."""
-        size = gl.zeros_like(starts, dtype=gl.int32) + nbytes
-        gl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
-                                  [starts.to(gl.int64, bitcast=True), size], dtype=gl.int32, is_pure=False, pack=1)
-
-    @gluon.jit
     def split_total(acc, ws_ptrs, mask, cnt_ptr, SPLIT: gl.constexpr):
         """(acc summed over the SPLIT programs of one output tile, whether this program holds that sum): each adds
         its float32 partial into the workspace at ws_ptrs with atomics and counts itself at cnt_ptr; the last to
@@ -197,7 +188,7 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr,
-                PREFETCH: gl.constexpr, SPLIT: gl.constexpr):
+                SPLIT: gl.constexpr):
         """One program: BN = R * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         TB: gl.constexpr = 8 // T
         NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
@@ -228,8 +219,6 @@ if gluon is not None:
         shifts = gl.expand_dims(gl.expand_dims(gl.expand_dims(
             (8 * (rj // 2) + 4 * (1 - rj % 2)).to(gl.uint32), 0), 1), 2)
         rn_s = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LS)), N - 1)
-        if PREFETCH:  # each row's bytes of this split, asked of L2 in one contiguous bulk read
-            prefetch_l2(w_ptr + rn_s.to(gl.int64) * (K // 8) + lo * 8, (hi - lo) * 32)
         rb_s = gl.arange(0, NB, layout=gl.SliceLayout(0, LS))
         s_row = gl.expand_dims(rn_s.to(gl.int64) * kb_total, 1)
         rm_x = gl.minimum(gl.arange(0, BM, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, LX)))),

@@ -16,10 +16,6 @@ all of them. Decoding:
 - a byte's two codes are one register of bf16 pairs (the lower k in the low half), read from a 256-entry table of
   pairs in shared memory, kept COPIES times so that the lanes of a warp read different banks;
 - the products of a block are scaled by its absmax (code2[u8] * absmax2 + offset) once, in float32.
-Branch wip/nf4-prefetch (not yet run on a GPU): each program first asks L2 for its rows' bytes of its split, one
-contiguous bulk prefetch a row (cp.async.bulk.prefetch.L2, sm_90), since the loop reads 32 bytes a row at a time,
-rows 2-5 KiB apart, which the sweep suggested holds it near 1,000 GB/s whatever the loop's depth; bench_nf4_matmul's
-`mma_noprefetch` rows are the A/B.
 Few programs would leave most of the card idle at 1 to 32 rows, so K is split: each split adds its float32 partial
 into a workspace with atomics, and the split that finishes last adds LoRA, stores the output and zeroes its tile and
 counter for the next call (which makes the kernel safe to replay from a CUDA graph).
@@ -64,7 +60,7 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-            split: int | None = None, prefetch: bool = True) -> torch.Tensor:
+            split: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
     for TARGET_PROGRAMS programs)."""
@@ -81,8 +77,7 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PREFETCH=prefetch,
-                            num_warps=WARPS)
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -115,7 +110,7 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-    from .nf4_matmul import prefetch_l2, segment, split_total
+    from .nf4_matmul import segment, split_total
 
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
@@ -124,8 +119,7 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, W: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr, COPIES: gl.constexpr,
-                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr,
-                PREFETCH: gl.constexpr):
+                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
         """One program: 16 * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -140,9 +134,6 @@ if gluon is not None:
         lo = part * per_split
         hi = gl.minimum(lo + per_split, kb_total)
 
-        if PREFETCH:  # each row's bytes of this split, asked of L2 in one contiguous bulk read
-            rows_p = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [W], [0])), N - 1)
-            prefetch_l2(w_ptr + rows_p.to(gl.int64) * (K // 2) + lo * 32, (hi - lo) * 32)
         # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
         rn_b = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, LB)), N - 1)
         rb_b = gl.arange(0, 32, layout=gl.SliceLayout(0, LB))
