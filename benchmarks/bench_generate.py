@@ -41,17 +41,12 @@ from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_ti
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
-AB_IMPLS = ("ours-gather",)
-"""Run only when named in --impls: ours with beam search's cache reorder through the gather instead of
-kernels/beam_reorder.py (branch wip/beam-reorder: an A/B in one run)."""
 ADL_LENGTHS = Path(__file__).resolve().parents[2] / "shared" / "data" / "adl-hw3" / "train_llama2_lengths.json"
 
 
 def load(impl: str, model_dir, device, args):
     """The NF4 base with an unmerged LoRA adapter, in eval mode, and gen(prompts, num_beams) -> new tokens of each."""
     if impl.startswith("ours"):
-        from qlora_core.kernels import beam_reorder, runs_on
-        beam_reorder.runs = (lambda cache: False) if impl == "ours-gather" else runs_on
         from qlora_core.checkpoint import load_model
         from qlora_core.generate import generate
         from qlora_core.lora import add_lora
@@ -63,7 +58,7 @@ def load(impl: str, model_dir, device, args):
         def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False) -> list[list[int]]:
             """eager: our eager path, no CUDA graph and no projection groups (each layer's own forward)."""
             return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None,
-                            pad_id=0, cuda_graph=impl != "ours-eager" and str(device).startswith("cuda") and not eager,
+                            pad_id=0, cuda_graph=impl == "ours" and str(device).startswith("cuda") and not eager,
                             groups=False if eager else None)
         return model, gen
 
@@ -297,7 +292,7 @@ def main():
     args = ap.parse_args()
     if args.new_tokens is None:
         args.new_tokens = 64 if args.workload == "adl" else 128
-    impls, cfg, model_dir = setup(args, IMPLS + AB_IMPLS)
+    impls, cfg, model_dir = setup(args, IMPLS)
     if args.workload == "adl":
         adl_workload(args, [i for i in impls if i != "ours-eager"], cfg, model_dir)
     else:

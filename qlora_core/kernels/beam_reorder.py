@@ -9,6 +9,8 @@ one program can read all the source rows it needs before it writes any: the reor
 `reorder(cache, src, filled, beams)`: cache [rows, planes..., slots, head_dim] (the planes, layers x k/v x heads,
 one stride apart), src [rows] int64 on the cache's device with src[r] in r's group, the first `filled` slots.
 A program takes one group, one plane and BLOCK_S slots: it loads the changed rows' sources, then stores them.
+On an H200 (bench_generate.py --workload adl, Llama-2-7B) beam 3 at batch 1 decoded 143.2 new tokens/s through it
+against 132.2 through the gather, and the 250-prompt job 765.8 against 563.5.
 """
 import torch
 

@@ -6,6 +6,8 @@ a split-K GEMM and its reduce): 256 of the ~800 launches of a Llama-2-7B decode 
 decoding at 9a198b8, benchmarks/results/profile_decode_greedy_9a198b8.txt). Here K is split over SPLITS programs,
 each adds its float32 partial [rows, R] into a workspace with atomics, and the program that finishes last writes h
 and leaves the workspace and its counter zero for the next call (so a CUDA graph can replay it), as nf4_mma does.
+On an H200 (bench_nf4_matmul.py, Llama-2-7B's groups, r 4) a decode step's h took 0.39 ms at one row against
+cuBLAS' 0.52, and 0.40 against 0.82 at 2 to 24 rows.
 """
 import torch
 

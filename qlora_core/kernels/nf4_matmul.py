@@ -12,11 +12,10 @@ x row in float32 FMAs, and the products of a block are scaled by its absmax once
 The layouts are written out (Gluon), because Triton's own choice for this tile moved data through shared memory
 inside the loop. One launch covers the projections that share an input (q/k/v, gate/up): each weight is a segment
 of the output's columns. A LoRA update h[:, cols] @ B^T, h = x (alpha/r A)^T computed before, is added before the
-store. Where the output is narrow (o and down: 256 tiles of 16 columns for a card of 132 SMs) K is split: each
-split adds its float32 partial into a workspace and the last adds LoRA and stores (split_total, shared with nf4_mma;
-branch wip/next, not yet run on a GPU: bench_nf4_matmul's `kernel_nosplit` rows are the A/B). `supports` says where
-the kernel runs (CUDA, NF4 with double quantization, at most MAX_ROWS rows); elsewhere
-the caller uses bitsandbytes.
+store. At one row, where the output is narrow and K long (down: 256 tiles of 16 columns for a card of 132 SMs, 172
+blocks), K is split: each split adds its float32 partial into a workspace and the last adds LoRA and stores
+(split_total, shared with nf4_mma). `supports` says where the kernel runs (CUDA, NF4 with double quantization, at
+most MAX_ROWS rows); elsewhere the caller uses bitsandbytes.
 """
 import torch
 
@@ -34,6 +33,9 @@ multiply-adds no longer hide its decoding cost."""
 MAX_SEGMENTS = 3
 TARGET_PROGRAMS = 528
 """About 4 programs an H200 SM: K is split until the tiles times the splits reach this (o and down: 256 tiles)."""
+MIN_SPLIT_ITERATIONS = 3
+"""Loop iterations a split keeps at least. On an H200 at one row, down (11 iterations) split in 3 took 18.2 us
+against 21.7 unsplit, o (4 iterations) split in 2 took 10.1 against 9.4; at two rows splitting lost for both."""
 CONFIGS = {1: (4, 4, 4), 2: (4, 4, 4)}
 """Rows of x -> (R weight rows, T words a thread, warps): the fastest over Llama-2-7B's groups on an H200
 (benchmarks/bench_nf4_matmul.py --sweep)."""
@@ -74,8 +76,9 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     lut = layers[0].weight.quant_state.code
     k = x2.shape[1]
     blocks, per_iteration = k // 64, 32 // (8 // t_cfg)
-    if split is None:  # enough programs for the card where the output is narrow (o, down)
-        split = max(1, min(-(-blocks // per_iteration), -(-TARGET_PROGRAMS // tiles)))
+    if split is None:  # at one row, enough programs for the card where the output is narrow and K long (down)
+        split = max(1, min(blocks // (MIN_SPLIT_ITERATIONS * per_iteration), -(-TARGET_PROGRAMS // tiles)))
+        split = split if rows == 1 else 1
     per_split = -(-(-(-blocks // split)) // per_iteration) * per_iteration  # whole iterations a split
     split = -(-blocks // per_split)
     ws, counters = workspace(x.device, y.shape[1], tiles)
