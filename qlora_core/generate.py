@@ -24,9 +24,9 @@ NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
 REORDER_BYTES = 256 * 2 ** 20
 """Most bytes one gather of beam search's cache reorder copies (DecodeState.reorder)."""
-CACHE_BUCKET = 64
+CACHE_BUCKET = 16
 """On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
-one captured decode step."""
+one captured decode step. 64 made the ADL job's cache of 423 slots 448 (0.3 GiB more at Llama-2-7B's 24 rows)."""
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
