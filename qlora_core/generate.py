@@ -147,7 +147,8 @@ class DecodeState:
             view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
             layer.self_attn.kv_cache = view
 
-    def reorder(self, model, rows: torch.Tensor, filled: int | None, beams: int | None = None) -> bool:
+    def reorder(self, model, rows: torch.Tensor, filled: int | None, beams: int | None = None,
+                first: int = 0) -> bool:
         """reorder_cache when the model's caches are views of the installed buffer (False otherwise). Where rows
         move within groups of `beams` (beam search) and the kernel runs, kernels/beam_reorder.py does it in one
         launch, in place. Else a gather of the rows that change, over as many layers at once as keep its copy
@@ -156,11 +157,12 @@ class DecodeState:
                 self.installed.data_ptr():
             return False
         if beams is not None and beam_reorder.runs(self.installed):
-            beam_reorder.reorder(self.installed, rows, self.installed.shape[4] if filled is None else filled, beams)
+            beam_reorder.reorder(self.installed, rows, first, self.installed.shape[4] if filled is None else filled,
+                                 beams)
             return True
         changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         if len(changed):
-            part = self.installed[:, :, :, :, :filled]
+            part = self.installed[:, :, :, :, first:filled]
             layers = part.shape[1]
             per_layer = len(changed) * part[0, 0].numel() * part.element_size()
             step = max(1, min(layers, REORDER_BYTES // max(per_layer, 1)))
@@ -223,19 +225,21 @@ def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
-def reorder_cache(model, rows: torch.Tensor, filled: int | None = None, beams: int | None = None) -> None:
+def reorder_cache(model, rows: torch.Tensor, filled: int | None = None, beams: int | None = None,
+                  first: int = 0) -> None:
     """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape).
 
-    Only the first `filled` slots are copied when given: later slots are written before any query reads them.
+    Only slots first to filled are copied: later slots are written before any query reads them, and the caller
+    says that earlier ones are equal already (beam search: the prompt, copied to all the beams of its group).
     beams: when given, rows[i] lies in i's group of `beams` consecutive rows (beam search's reorder).
     """
     state = _states.get(model)
-    if state is not None and state.reorder(model, rows, filled, beams):
+    if state is not None and state.reorder(model, rows, filled, beams, first):
         return
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
         for buf in (cache.k, cache.v):
-            part = buf[:, :, :filled]
+            part = buf[:, :, first:filled]
             part.copy_(part.index_select(0, rows))
 
 
@@ -351,7 +355,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         improvable &= (best_running > worst_finished).any(dim=1)
         if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
             break
-        reorder_cache(model, source_rows, width + t, num_beams)
+        reorder_cache(model, source_rows, width + t, num_beams, first=width)  # the prompt is every beam's
         logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
     return finished[:, 0]

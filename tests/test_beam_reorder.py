@@ -18,24 +18,26 @@ def test_a_partial_group_of_rows_is_refused():
     from qlora_core.kernels import beam_reorder
     cache = torch.zeros(6, 2, 5, 4)[:, :, :, :]
     with pytest.raises(ValueError, match="whole groups"):
-        beam_reorder.reorder(cache, torch.zeros(6, dtype=torch.long), 3, beams=4)
+        beam_reorder.reorder(cache, torch.zeros(6, dtype=torch.long), 0, 3, beams=4)
 
 
 def check_reorder(device: str = "cpu"):
     """The kernel against PyTorch's gather, on views of a larger buffer (leading rows and slots), groups with a
-    cycle, a repeated source and rows that stay, a head_dim that is not a power of two, filled past the slots."""
+    cycle, a repeated source and rows that stay, a head_dim that is not a power of two, filled past the slots, slots
+    from a first one past zero (those before it stay)."""
     from qlora_core.kernels import beam_reorder
     gen = torch.Generator().manual_seed(0)
-    for beams, src, head_dim, filled in [(3, [1, 2, 0, 3, 3, 4], 8, 13), (2, [1, 0, 2, 2], 12, 20), (1, [0, 1], 4, 5),
-                                         (4, [3, 3, 3, 0], 8, 40)]:
+    for beams, src, head_dim, first, filled in [(3, [1, 2, 0, 3, 3, 4], 8, 0, 13), (2, [1, 0, 2, 2], 12, 0, 20),
+                                                (1, [0, 1], 4, 0, 5), (4, [3, 3, 3, 0], 8, 0, 40),
+                                                (3, [2, 0, 0, 5, 3, 4], 8, 7, 19), (2, [1, 1], 4, 20, 40)]:
         rows = len(src)
         full = torch.randn(rows + 2, 3, 2, 2, 24, head_dim, generator=gen).to(device, torch.bfloat16)
         cache = full[:rows, :, :, :, :20]  # DecodeState's installed view: leading rows and slots of a buffer
         before, whole = cache.clone(), full.clone()
         index = torch.tensor(src, device=device)
-        beam_reorder.reorder(cache, index, filled, beams)
+        beam_reorder.reorder(cache, index, first, filled, beams)
         expected = before.clone()
-        expected[..., :filled, :] = before[index][..., :filled, :]
+        expected[..., first:filled, :] = before[index][..., first:filled, :]
         assert torch.equal(cache, expected), (beams, src)
         whole[:rows, :, :, :, :20] = expected
         assert torch.equal(full, whole), ("a slot or row outside the view changed", beams, src)
@@ -60,7 +62,7 @@ def check_beam_search_through_the_kernel():
     calls = []
     kernel = beam_reorder.reorder
     beam_reorder.runs = lambda cache: True
-    beam_reorder.reorder = lambda *a: calls.append(a[3]) or kernel(*a)
+    beam_reorder.reorder = lambda *a: calls.append(a[4]) or kernel(*a)
     assert gen.generate(model, prompts, 6, num_beams=3) == plain
     assert calls and set(calls) == {3}, calls
     print("beam search ok")
