@@ -127,7 +127,6 @@ def main():
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
-                    impls.append(("kernel_pipe", None, lambda i: nf4.nf4_matmul(x, sets[i], h, bs, ranks, pipe=True)))
                 if nf4_mma.supports(x, members):
                     splits = [None] + (MMA_SPLITS if args.sweep else [])
                     impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
@@ -150,7 +149,7 @@ def main():
                                      "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "kernel_pipe", "mma", "bnb", "dequant_gemm", "lora_a", "lora_a_linear"):
+            for impl in ("kernel", "mma", "bnb", "dequant_gemm", "lora_a", "lora_a_linear"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,

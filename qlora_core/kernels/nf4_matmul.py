@@ -63,7 +63,7 @@ def fits(x: torch.Tensor, layers, max_rows: int, dtypes) -> bool:
 
 
 def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-               config: tuple | None = None, split: int | None = None, pipe: bool = False) -> torch.Tensor:
+               config: tuple | None = None, split: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
 
     h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
@@ -84,7 +84,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     ws, counters = workspace(x.device, y.shape[1], tiles)
     _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                            SPLIT=split, PIPE=pipe, num_warps=warps)
+                            SPLIT=split, num_warps=warps)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -191,7 +191,7 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr,
-                SPLIT: gl.constexpr, PIPE: gl.constexpr):
+                SPLIT: gl.constexpr):
         """One program: BN = R * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         TB: gl.constexpr = 8 // T
         NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
@@ -243,29 +243,16 @@ if gluon is not None:
                                          pack=1)
 
         acc = gl.zeros([BM, BN, NB], gl.float32, LP)
-        w_at = w_row + w_word
-        if PIPE:  # the first iteration's words and absmax; each iteration loads the next one's before it computes
-            words_next = gl.load(w_ptr + w_at + gl.expand_dims(gl.expand_dims(gl.minimum(lo + rb_w, hi - 1) * 8, 0), 2))
-            q_next = gl.load(am_ptr + s_row + gl.expand_dims(gl.minimum(lo + rb_s, hi - 1), 0)).to(gl.int32)
         for kb0 in range(lo, hi, NB):
             # Blocks past the split read its last block again, with a zero scale.
-            if PIPE:
-                words = words_next
-                blk_n = gl.minimum(kb0 + NB + rb_w, hi - 1)
-                words_next = gl.load(w_ptr + w_at + gl.expand_dims(gl.expand_dims(blk_n * 8, 0), 2))
-            else:
-                blk_w = gl.minimum(kb0 + rb_w, hi - 1)
-                words = gl.load(w_ptr + w_at + gl.expand_dims(gl.expand_dims(blk_w * 8, 0), 2))
+            blk_w = gl.minimum(kb0 + rb_w, hi - 1)
+            words = gl.load(w_ptr + w_row + gl.expand_dims(gl.expand_dims(blk_w * 8, 0), 2) + w_word)
             addr = (((gl.expand_dims(words.to(gl.uint32, bitcast=True), 3) >> shifts) << 2) & 0x3C) | base
             v = gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=r,r", [addr], dtype=gl.float32,
                                           is_pure=True, pack=1)
             blk_s = kb0 + rb_s
             flat = s_row + gl.expand_dims(gl.minimum(blk_s, hi - 1), 0)
-            if PIPE:
-                q = q_next
-                q_next = gl.load(am_ptr + s_row + gl.expand_dims(gl.minimum(blk_s + NB, hi - 1), 0)).to(gl.int32)
-            else:
-                q = gl.load(am_ptr + flat).to(gl.int32)
+            q = gl.load(am_ptr + flat).to(gl.int32)
             scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + flat // 256) + offset
             scale = gl.where(gl.expand_dims(blk_s < hi, 0), scale, 0.0)
             blk_x = gl.minimum(kb0 + rb_x, hi - 1)
