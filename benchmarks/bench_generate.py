@@ -10,7 +10,7 @@ average (random weights give nearly flat logits, so rounding flips ties early: a
 
 --workload adl: the seed's inference job. Prompt lengths are drawn with a fixed seed from the ADL HW3 training set's
 Llama-2 prompt lengths (`--lengths`, first column), random tokens, 64 new tokens (`--new-tokens`):
-- mode greedy and beam3: batch 1, one prompt at a time (`--single-prompts`);
+- mode greedy and beam3: batch 1, one prompt at a time (`--single-prompts`), the longest first as infer.py orders them;
 - mode job: `--job-prompts` (250) prompts, 3 beams, in the batches infer.py makes (`length_batches`, `--batch-size`
   8), through our `generate` and through transformers' batched `generate` (left padding, attention mask).
 new tokens/s = prompts x new tokens / seconds. Both sides run the same `--single-prompts` prompts at batch 1. The HF
@@ -196,7 +196,8 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
         model, gen = load(impl, model_dir, device, args)
     hf = impl == "hf"
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
-    modes = [("greedy", 1, 1, [[p] for p in single]), ("beam3", 1, 3, [[p] for p in single]),
+    alone = [[single[i] for i in b] for b in length_batches(single, 1)]  # infer.py's order: the longest first
+    modes = [("greedy", 1, 1, alone), ("beam3", 1, 3, alone),
              ("job", args.batch_size, 3, spread(batches, args.hf_job_prompts) if hf else batches)]
     for mode, batch, beams, work in modes:
         if mode not in args.modes.split(","):

@@ -6,7 +6,9 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
-  MMA_SPLITS).
+  MMA_SPLITS);
+- `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
+  and by F.linear (cuBLAS), which decoding ran before (their GB/s column counts the NF4 weights: ignore it).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
@@ -79,7 +81,7 @@ def main():
     import bitsandbytes as bnb
 
     from qlora_core.kernels import nf4_matmul as nf4
-    from qlora_core.kernels import nf4_mma
+    from qlora_core.kernels import lora_a, nf4_mma
     from qlora_core.kernels.nf4_dequant import dequantize_nf4
     from qlora_core.quant import nf4_linear
 
@@ -117,6 +119,10 @@ def main():
                     return outs
 
                 impls = [("bnb", None, plain), ("dequant_gemm", None, dequant_gemm)]
+                a = torch.randn(sum(ranks), x.shape[-1], device="cuda", dtype=torch.bfloat16) / 64
+                if lora_a.supports(x, a):  # LoRA's h = x A^T of the group: the kernel, cuBLAS
+                    impls += [("lora_a", None, lambda i: lora_a.lora_a(x, a)),
+                              ("lora_a_linear", None, lambda i: F.linear(x, a))]
                 if nf4.supports(x, members):
                     configs = [None] + (SWEEP if args.sweep else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
@@ -143,7 +149,7 @@ def main():
                                      "default": impl not in ("kernel", "mma") or config is None})
                     log(f"{impl:12s} {str(config):12s} {group:8s} rows {rows:3d}: {1000 * ms:8.1f} us, "
                         f"{gbs:7.1f} GB/s")
-            for impl in ("kernel", "mma", "bnb", "dequant_gemm"):
+            for impl in ("kernel", "mma", "bnb", "dequant_gemm", "lora_a", "lora_a_linear"):
                 done = [r for r in rows_out if r["impl"] == impl and r["rows"] == rows and "us" in r and r["default"]]
                 if len(done) == len(GROUPS):
                     rows_out.append({"impl": impl, "group": "per_token", "rows": rows,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .kernels import beam_reorder
 from .kernels.fused_projections import fused_projections, projection_groups
 from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
@@ -23,9 +24,9 @@ NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
 REORDER_BYTES = 256 * 2 ** 20
 """Most bytes one gather of beam search's cache reorder copies (DecodeState.reorder)."""
-CACHE_BUCKET = 64
+CACHE_BUCKET = 16
 """On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
-one captured decode step."""
+one captured decode step. 64 made the ADL job's cache of 423 slots 448 (0.3 GiB more at Llama-2-7B's 24 rows)."""
 
 
 def prefill(model, ids: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class DecodeState:
     Captured steps are keyed by (rows, cache length rounded up to CACHE_BUCKET). The KV cache is one buffer [rows,
     layers, 2 (k, v), kv_heads, slots, head_dim] of the most rows and slots seen; a call's layers view its leading
     rows and slots, so every graph keeps reading the same memory, a job's last, smaller batch needs no buffer of its
-    own, and beam search reorders all layers' rows in one gather. All captured steps draw their scratch memory from
+    own, and beam search reorders all layers' rows at once. All captured steps draw their scratch memory from
     one pool, so a job of many cache-length buckets holds one step's scratch, not one per bucket. A
     model whose projection modules change (add_lora, merge_lora) gets a new state. `release_decode_state(model)`
     frees it all.
@@ -146,16 +147,22 @@ class DecodeState:
             view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
             layer.self_attn.kv_cache = view
 
-    def reorder(self, model, rows: torch.Tensor, filled: int | None) -> bool:
-        """reorder_cache when the model's caches are views of the installed buffer (False otherwise): a gather of
-        the rows that change, over as many layers at once as keep its copy within REORDER_BYTES (beam search
-        already waits for the GPU every step). One gather of all layers had copied up to the whole cache."""
+    def reorder(self, model, rows: torch.Tensor, filled: int | None, beams: int | None = None,
+                first: int = 0) -> bool:
+        """reorder_cache when the model's caches are views of the installed buffer (False otherwise). Where rows
+        move within groups of `beams` (beam search) and the kernel runs, kernels/beam_reorder.py does it in one
+        launch, in place. Else a gather of the rows that change, over as many layers at once as keep its copy
+        within REORDER_BYTES (one gather of all layers had copied up to the whole cache)."""
         if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
                 self.installed.data_ptr():
             return False
+        if beams is not None and beam_reorder.runs(self.installed):
+            beam_reorder.reorder(self.installed, rows, first, self.installed.shape[4] if filled is None else filled,
+                                 beams)
+            return True
         changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         if len(changed):
-            part = self.installed[:, :, :, :, :filled]
+            part = self.installed[:, :, :, :, first:filled]
             layers = part.shape[1]
             per_layer = len(changed) * part[0, 0].numel() * part.element_size()
             step = max(1, min(layers, REORDER_BYTES // max(per_layer, 1)))
@@ -218,18 +225,21 @@ def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
-def reorder_cache(model, rows: torch.Tensor, filled: int | None = None) -> None:
+def reorder_cache(model, rows: torch.Tensor, filled: int | None = None, beams: int | None = None,
+                  first: int = 0) -> None:
     """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape).
 
-    Only the first `filled` slots are copied when given: later slots are written before any query reads them.
+    Only slots first to filled are copied: later slots are written before any query reads them, and the caller
+    says that earlier ones are equal already (beam search: the prompt, copied to all the beams of its group).
+    beams: when given, rows[i] lies in i's group of `beams` consecutive rows (beam search's reorder).
     """
     state = _states.get(model)
-    if state is not None and state.reorder(model, rows, filled):
+    if state is not None and state.reorder(model, rows, filled, beams, first):
         return
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
         for buf in (cache.k, cache.v):
-            part = buf[:, :, :filled]
+            part = buf[:, :, first:filled]
             part.copy_(part.index_select(0, rows))
 
 
@@ -345,7 +355,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         improvable &= (best_running > worst_finished).any(dim=1)
         if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
             break
-        reorder_cache(model, source_rows, width + t)
+        reorder_cache(model, source_rows, width + t, num_beams, first=width)  # the prompt is every beam's
         logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
     return finished[:, 0]

@@ -174,6 +174,13 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         b, t, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        qkv = None
+        if self.kv_cache is not None and fused.runs_on(x) and not torch.is_grad_enabled():
+            qkv = columns_of_one(q, k, v)  # decoding's projection groups give views of one output
+        if qkv is not None:  # rotary and the cache write in one launch
+            cache = self.kv_cache
+            q = fused.rope_into_cache(qkv, self.n_heads, self.n_kv, cos, sin, cache.k, cache.v, input_pos)
+            return self.attend(q.transpose(1, 2), cache.k, cache.v, mask)
         rope = fused.Rope.apply if fused.runs_on(x) else apply_rope
         q = rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)
         k = rope(k.view(b, t, self.n_kv, self.head_dim), cos, sin)
@@ -184,11 +191,32 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+        return self.attend(q, k, v, mask)
+
+    def attend(self, q, k, v, mask):
+        """Attention of q [batch, heads, seq, head_dim] over k and v [batch, kv_heads, keys, head_dim], then o_proj."""
+        b, t = q.shape[0], q.shape[2]
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return project(y.transpose(1, 2).reshape(b, t, -1), self.o_proj)[0]
+
+
+def columns_of_one(*parts: torch.Tensor) -> torch.Tensor | None:
+    """The [..., sum of widths] view whose consecutive column ranges the parts are (as the split output of one
+    matmul), or None when they are not."""
+    first = parts[0]
+    offset = first.storage_offset()
+    for part in parts:
+        if (part.stride() != first.stride() or part.storage_offset() != offset
+                or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += part.shape[-1]
+    width = offset - first.storage_offset()
+    if first.stride(-1) != 1 or (first.dim() > 1 and first.stride(-2) < width):
+        return None
+    return first.as_strided((*first.shape[:-1], width), first.stride())
 
 
 def packed_attention(q, k, v, packed: Packed) -> torch.Tensor:

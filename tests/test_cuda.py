@@ -189,6 +189,7 @@ def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     captured = []
     step_class = gen.GraphedDecodeStep
+    monkeypatch.setattr(gen, "CACHE_BUCKET", 64)
     monkeypatch.setattr(gen, "GraphedDecodeStep", lambda *a: captured.append(a[1:3]) or step_class(*a))
     batches = [[torch.randint(3, 128, (n,)).tolist() for n in lengths] for lengths in ((5, 9), (12, 3), (7, 20))]
     for batch in batches:
@@ -447,7 +448,8 @@ def nf4_group_reference(x, layers, h, bs, ranks):
     ([(11008, 4096), (11008, 4096)], [4, 4]),        # its gate/up
     ([(4096, 11008)], [4]),                          # its down
 ])
-def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shapes, ranks):
+@pytest.mark.parametrize("split", [None, 1, 3])
+def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shapes, ranks, split):
     from qlora_core.kernels import nf4_matmul as nf4
     layers, bs = nf4_group(shapes, ranks)
     gen = torch.Generator("cuda").manual_seed(1)
@@ -455,7 +457,7 @@ def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shap
     h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
     assert nf4.supports(x, layers)
     with torch.inference_mode():
-        y = nf4.nf4_matmul(x, layers, h, bs, ranks)
+        y = nf4.nf4_matmul(x, layers, h, bs, ranks, split=split)
     ref = nf4_group_reference(x, layers, h, bs, ranks)
     assert y.shape == ref.shape and y.dtype == torch.bfloat16
     # the output's rounding to bf16 (at most 2^-9 of it), and float32 sums in another order
@@ -506,3 +508,18 @@ def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, split, shapes, ran
             err = (y.float() - ref).abs()
             bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
             assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())
+
+
+def test_beam_reorder_kernel_matches_the_gather_on_cuda():
+    from test_beam_reorder import check_reorder
+    check_reorder("cuda")
+
+
+def test_lora_a_kernel_matches_f_linear_on_cuda():
+    from test_lora_a import check_lora_a
+    check_lora_a("cuda")
+
+
+def test_rope_into_cache_matches_rope_and_the_cache_update_on_cuda():
+    from test_fused_elementwise import check_rope_into_cache
+    check_rope_into_cache("cuda")

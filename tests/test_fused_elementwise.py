@@ -134,6 +134,68 @@ def check_rope():
     print("Rope matches apply_rope")
 
 
+def check_rope_into_cache(device: str = "cpu"):
+    """Decoding's rotary + cache write against Rope on q and k and KVCache.update: the same bits. qkv a column slice,
+    one and several tokens, grouped kv heads, a half head_dim that is not a power of two, caches that are views of a
+    larger buffer (their other slots stay)."""
+    gen = torch.Generator(device).manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for b, t, heads, kv, d in ((2, 1, 4, 4, 16), (1, 3, 6, 2, 24), (3, 1, 20, 20, 16)):
+            inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=device).float() / d))
+            cos, sin = rope_cos_sin(inv_freq, torch.randint(0, 4000, (b, t), generator=gen, device=device), dtype)
+            qkv = columns(b, t, (heads + 2 * kv) * d, dtype=dtype, gen=gen)
+            buffers = torch.randn(2, b + 1, kv, 12, d, generator=gen, device=device).to(dtype)
+            k_cache, v_cache = buffers[0, :b, :, :10], buffers[1, :b, :, :10]
+            pos = torch.randperm(10, generator=gen, device=device)[:t]
+            expected = buffers.clone()
+            q, k, v = qkv.split([heads * d, kv * d, kv * d], dim=-1)
+            q_ref = fused.rotate(q.reshape(b, t, heads, d), cos, sin, backward=False)
+            k_ref = fused.rotate(k.reshape(b, t, kv, d), cos, sin, backward=False)
+            expected[0, :b, :, :10].index_copy_(2, pos, k_ref.transpose(1, 2))
+            expected[1, :b, :, :10].index_copy_(2, pos, v.reshape(b, t, kv, d).transpose(1, 2))
+            got = fused.rope_into_cache(qkv, heads, kv, cos, sin, k_cache, v_cache, pos)
+            assert torch.equal(got, q_ref) and torch.equal(buffers, expected), (dtype, b, t, heads, kv, d)
+    print("rope_into_cache matches Rope and the cache update")
+
+
+def check_model_decodes_through_rope_into_cache():
+    """A float32 model with a KV cache whose q/k/v come as views of one output (as decoding's projection groups
+    give them): with the kernels it takes rope_into_cache at every layer, and the prefill's and the decode steps'
+    logits equal the PyTorch path's."""
+    import qlora_core.model as model_module
+    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg)
+    model.init_weights(generator=torch.Generator().manual_seed(6))
+    plain_project = model_module.project
+
+    def one_output(x, *layers):  # q/k/v as column views of one tensor
+        outs = plain_project(x, *layers)
+        return list(torch.cat(outs, dim=-1).split([o.shape[-1] for o in outs], dim=-1)) if len(outs) == 3 else outs
+
+    model_module.project = one_output
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(7))
+    results, calls = [], []
+    kernel = fused.rope_into_cache
+    fused.rope_into_cache = lambda *a: calls.append(1) or kernel(*a)
+    try:
+        for use_kernels in (False, True):
+            fused.runs_on = lambda x: use_kernels
+            model.setup_cache(2, 8)
+            with torch.no_grad():
+                logits = [model(ids, input_pos=torch.arange(5))[:, -1]]
+                for step in range(3):
+                    logits.append(model(ids[:, step:step + 1], input_pos=torch.tensor([5 + step]))[:, -1])
+            results.append(torch.stack(logits))
+            model.clear_cache()
+    finally:
+        model_module.project = plain_project
+        fused.rope_into_cache = kernel
+    assert len(calls) == 4 * cfg.num_hidden_layers, calls
+    assert_matches(results[1], results[0], "logits through rope_into_cache", tol=1e-4)
+    print("the model decodes through rope_into_cache")
+
+
 def check_model_takes_the_kernels():
     """A small float32 model with fused.runs_on patched to True: every norm, rope and SiLU-mul goes through the
     kernels, and the logits and every parameter's gradient equal those of the PyTorch path (to float32 summation
@@ -204,5 +266,7 @@ if __name__ == "__main__":
     check_rms_norm()
     check_silu_mul()
     check_rope()
+    check_rope_into_cache()
     check_model_takes_the_kernels()
+    check_model_decodes_through_rope_into_cache()
     print("all interpreted checks passed")

@@ -273,5 +273,8 @@ def test_decode_state_reorders_the_changed_rows_of_every_layer(tmp_path, monkeyp
     expected = before.clone()
     expected[:, :, :, :, :9] = before[rows, :, :, :, :9]
     assert torch.equal(state.installed, expected)
+    assert state.reorder(model, rows.flip(0), 14, first=11)  # slots 11-13 only
+    expected[:, :, :, :, 11:14] = expected[rows.flip(0), :, :, :, 11:14].clone()
+    assert torch.equal(state.installed, expected)
     k = model.model.layers[2].self_attn.kv_cache.k
     assert torch.equal(k, expected[:, 2, 0])

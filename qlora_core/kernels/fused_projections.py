@@ -1,8 +1,9 @@
 """The projections of a decoder layer at decode time, by groups of projections that share an input.
 
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
-- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype),
-  and then the base matmuls with h's columns of each member @ B^T added (B kept in the compute dtype):
+- h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype;
+  on CUDA one launch of kernels/lora_a.py, elsewhere F.linear), and then the base matmuls with h's columns of each
+  member @ B^T added (B kept in the compute dtype):
   - on CUDA, one launch of our NF4 kernel for the whole group, LoRA included: nf4_matmul up to its MAX_ROWS (2)
     rows, the tensor-core nf4_mma from 3 rows (bf16 inputs);
   - on CUDA where neither applies: each weight dequantized by our one-kernel NF4 dequantization into a scratch
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 
 from ..quant import bnb, is_4bit
 from ..util import log
-from . import nf4_matmul, nf4_mma
+from . import lora_a, nf4_matmul, nf4_mma
 from .nf4_dequant import dequantize_nf4, use_kernel as dequantizes
 
 MAX_ROWS = 32
@@ -91,7 +92,9 @@ class ProjectionGroup:
         if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled()
                 or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
-        h = F.linear(x, self.a) if any(self.ranks) else None
+        h = None
+        if any(self.ranks):
+            h = lora_a.lora_a(x, self.a) if lora_a.supports(x, self.a) else F.linear(x, self.a)
         outs = self.kernel(x, h)
         if outs is None:
             outs = self.matmuls(x, h)

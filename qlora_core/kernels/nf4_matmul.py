@@ -12,8 +12,10 @@ x row in float32 FMAs, and the products of a block are scaled by its absmax once
 The layouts are written out (Gluon), because Triton's own choice for this tile moved data through shared memory
 inside the loop. One launch covers the projections that share an input (q/k/v, gate/up): each weight is a segment
 of the output's columns. A LoRA update h[:, cols] @ B^T, h = x (alpha/r A)^T computed before, is added before the
-store. `supports` says where the kernel runs (CUDA, NF4 with double quantization, at most MAX_ROWS rows); elsewhere
-the caller uses bitsandbytes.
+store. At one row, where the output is narrow and K long (down: 256 tiles of 16 columns for a card of 132 SMs, 172
+blocks), K is split: each split adds its float32 partial into a workspace and the last adds LoRA and stores
+(split_total, shared with nf4_mma). `supports` says where the kernel runs (CUDA, NF4 with double quantization, at
+most MAX_ROWS rows); elsewhere the caller uses bitsandbytes.
 """
 import torch
 
@@ -29,6 +31,11 @@ MAX_ROWS = 2
 """Most x rows the kernel takes: from 3 rows the tensor-core kernel (nf4_mma) is faster, as each NF4 value's
 multiply-adds no longer hide its decoding cost."""
 MAX_SEGMENTS = 3
+TARGET_PROGRAMS = 528
+"""About 4 programs an H200 SM: K is split until the tiles times the splits reach this (o and down: 256 tiles)."""
+MIN_SPLIT_ITERATIONS = 3
+"""Loop iterations a split keeps at least. On an H200 at one row, down (11 iterations) split in 3 took 18.2 us
+against 21.7 unsplit, o (4 iterations) split in 2 took 10.1 against 9.4; at two rows splitting lost for both."""
 CONFIGS = {1: (4, 4, 4), 2: (4, 4, 4)}
 """Rows of x -> (R weight rows, T words a thread, warps): the fastest over Llama-2-7B's groups on an H200
 (benchmarks/bench_nf4_matmul.py --sweep)."""
@@ -56,7 +63,7 @@ def fits(x: torch.Tensor, layers, max_rows: int, dtypes) -> bool:
 
 
 def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-               config: tuple | None = None) -> torch.Tensor:
+               config: tuple | None = None, split: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in x's dtype.
 
     h [..., sum r] and bs (each layer's B [out, r], or None) add each segment's LoRA update h[..., cols] @ B^T,
@@ -67,9 +74,17 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     r_cfg, t_cfg, warps = config or CONFIGS[rows]
     x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, r_cfg * warps, torch.int32)
     lut = layers[0].weight.quant_state.code
-    _kernel[(tiles,)](x2, y, h2, lut, *seg, rows, x2.shape[1], h2.stride(0), y.stride(0),
-                      BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                      num_warps=warps)
+    k = x2.shape[1]
+    blocks, per_iteration = k // 64, 32 // (8 // t_cfg)
+    if split is None:  # at one row, enough programs for the card where the output is narrow and K long (down)
+        split = max(1, min(blocks // (MIN_SPLIT_ITERATIONS * per_iteration), -(-TARGET_PROGRAMS // tiles)))
+        split = split if rows == 1 else 1
+    per_split = -(-(-(-blocks // split)) // per_iteration) * per_iteration  # whole iterations a split
+    split = -(-blocks // per_split)
+    ws, counters = workspace(x.device, y.shape[1], tiles)
+    _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
+                            BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
+                            SPLIT=split, num_warps=warps)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -101,6 +116,19 @@ def launch_args(x: torch.Tensor, layers, h, bs, ranks, block_n: int, weight_dtyp
             seg += seg[:10]
             seg[-1] = tiles  # an unused segment starts after the last tile
     return x2, y, h2, seg, tiles
+
+
+_workspaces: dict = {}
+
+
+def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 [n_total, 32] partial sums, int32 [tiles] split counters), zero, kept per device and size: every
+    launch of a kernel that splits K (this one, nf4_mma) leaves them zero again. Shared by both kernels."""
+    key = (str(device), n_total, tiles)
+    if key not in _workspaces:
+        _workspaces[key] = (torch.zeros((n_total, 32), dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _workspaces[key]
 
 
 def _pow2(n: int) -> int:
@@ -135,13 +163,36 @@ if gluon is not None:
         return w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0
 
     @gluon.jit
-    def _kernel(x_ptr, y_ptr, h_ptr, lut_ptr,
+    def split_total(acc, ws_ptrs, mask, cnt_ptr, SPLIT: gl.constexpr):
+        """(acc summed over the SPLIT programs of one output tile, whether this program holds that sum): each adds
+        its float32 partial into the workspace at ws_ptrs with atomics and counts itself at cnt_ptr; the last to
+        count reads the sum and leaves the workspace and the counter zero (for the next call, or a graph's next
+        replay). With SPLIT 1: (acc, True). Shared with nf4_mma."""
+        last = True
+        if SPLIT > 1:
+            gl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+            gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.thread_barrier()
+            done = gl.atomic_add(cnt_ptr, 1, sem="acq_rel")
+            last = done == SPLIT - 1
+            if last:
+                gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                          is_pure=False, pack=1)
+                acc = gl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+                gl.store(ws_ptrs, gl.zeros_like(acc), mask=mask)
+                gl.store(cnt_ptr, 0)
+        return acc, last
+
+    @gluon.jit
+    def _kernel(x_ptr, y_ptr, h_ptr, lut_ptr, ws_ptr, cnt_ptr,
                 w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, t0,
                 w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
-                M, K, stride_h, stride_y,
-                BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr):
-        """One program: BN = R * W output columns of one segment, for all M rows, over the whole of K."""
+                M, K, stride_h, stride_y, per_split,
+                BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr,
+                SPLIT: gl.constexpr):
+        """One program: BN = R * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         TB: gl.constexpr = 8 // T
         NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
         BN: gl.constexpr = R * W
@@ -157,6 +208,8 @@ if gluon is not None:
             pid, w0, am0, am2_0, c2_0, off0, b0, n0, r0, hc0, w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
             w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2)
         kb_total = K // 64
+        lo = gl.program_id(1) * per_split
+        hi = gl.minimum(lo + per_split, kb_total)
 
         # Rows past N and x rows past M read the last ones (valid addresses); only the store is masked.
         rn_w = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, LW))), N - 1)
@@ -190,19 +243,19 @@ if gluon is not None:
                                          pack=1)
 
         acc = gl.zeros([BM, BN, NB], gl.float32, LP)
-        for kb0 in range(0, kb_total, NB):
-            # Blocks past K read the last block again, with a zero scale.
-            blk_w = gl.minimum(kb0 + rb_w, kb_total - 1)
+        for kb0 in range(lo, hi, NB):
+            # Blocks past the split read its last block again, with a zero scale.
+            blk_w = gl.minimum(kb0 + rb_w, hi - 1)
             words = gl.load(w_ptr + w_row + gl.expand_dims(gl.expand_dims(blk_w * 8, 0), 2) + w_word)
             addr = (((gl.expand_dims(words.to(gl.uint32, bitcast=True), 3) >> shifts) << 2) & 0x3C) | base
             v = gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=r,r", [addr], dtype=gl.float32,
                                           is_pure=True, pack=1)
             blk_s = kb0 + rb_s
-            flat = s_row + gl.expand_dims(gl.minimum(blk_s, kb_total - 1), 0)
+            flat = s_row + gl.expand_dims(gl.minimum(blk_s, hi - 1), 0)
             q = gl.load(am_ptr + flat).to(gl.int32)
             scale = gl.load(c2_ptr + q) * gl.load(am2_ptr + flat // 256) + offset
-            scale = gl.where(gl.expand_dims(blk_s < kb_total, 0), scale, 0.0)
-            blk_x = gl.minimum(kb0 + rb_x, kb_total - 1)
+            scale = gl.where(gl.expand_dims(blk_s < hi, 0), scale, 0.0)
+            blk_x = gl.minimum(kb0 + rb_x, hi - 1)
             xv = gl.load(x_ptr + x_row + gl.expand_dims(gl.expand_dims(gl.expand_dims(blk_x * 64, 0), 2), 3)
                          + x_in).to(gl.float32)
             p = gl.sum(gl.sum(gl.expand_dims(v, 0) * gl.expand_dims(xv, 1), axis=4), axis=3)
@@ -214,9 +267,13 @@ if gluon is not None:
         rn_o = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LO))
         m_ok = rm_o < M
         n_ok = rn_o < N
-        for r in range(0, rank):
-            hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
-            bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
-            out += gl.expand_dims(hv, 1) * gl.expand_dims(bv, 0)
-        gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 1) + col0 + gl.expand_dims(rn_o, 0),
-                 out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+        ws_off = gl.expand_dims((col0 + rn_o) * BM, 0) + gl.expand_dims(rm_o, 1)
+        out, last = split_total(out, ws_ptr + ws_off, gl.expand_dims(rm_o < BM, 1) & gl.expand_dims(n_ok, 0),
+                                cnt_ptr + pid, SPLIT)
+        if last:
+            for r in range(0, rank):
+                hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
+                bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
+                out += gl.expand_dims(hv, 1) * gl.expand_dims(bv, 0)
+            gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 1) + col0 + gl.expand_dims(rn_o, 0),
+                     out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))

@@ -22,7 +22,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 """
 import torch
 
-from .nf4_matmul import fits, launch_args
+from .nf4_matmul import fits, launch_args, workspace
 
 try:
     from triton.experimental import gluon
@@ -45,7 +45,6 @@ def supports(x: torch.Tensor, layers) -> bool:
 
 
 _pairs: dict = {}
-_workspaces: dict = {}
 
 
 def pair_table(code: torch.Tensor) -> torch.Tensor:
@@ -58,16 +57,6 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
         pairs = bits[b >> 4] | (bits[b & 15] << 16)
         _pairs[key] = torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32)
     return _pairs[key]
-
-
-def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 [n_total, MAX_ROWS] partial sums, int32 [tiles] split counters), zero, kept per device and size:
-    every launch leaves them zero again."""
-    key = (str(device), n_total, tiles)
-    if key not in _workspaces:
-        _workspaces[key] = (torch.zeros((n_total, MAX_ROWS), dtype=torch.float32, device=device),
-                            torch.zeros(tiles, dtype=torch.int32, device=device))
-    return _workspaces[key]
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
@@ -121,7 +110,7 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-    from .nf4_matmul import segment
+    from .nf4_matmul import segment, split_total
 
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
@@ -183,21 +172,8 @@ if gluon is not None:
         rm_o = gl.arange(0, BM, layout=gl.SliceLayout(0, MMA))
         ws_off = gl.expand_dims((col0 + rn_o) * BM, 1) + gl.expand_dims(rm_o, 0)
         n_ok = gl.expand_dims(rn_o < N, 1) & gl.expand_dims(rm_o < BM, 0)
-        last = True
-        if SPLIT > 1:
-            gl.atomic_add(ws_ptr + ws_off, acc, mask=n_ok, sem="relaxed")
-            gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
-            gl.thread_barrier()
-            done = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
-            last = done == SPLIT - 1
+        acc, last = split_total(acc, ws_ptr + ws_off, n_ok, cnt_ptr + pid, SPLIT)
         if last:
-            if SPLIT > 1:
-                gl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
-                                          is_pure=False, pack=1)
-                acc = gl.load(ws_ptr + ws_off, mask=n_ok, other=0.0, cache_modifier=".cg")
-                gl.store(ws_ptr + ws_off, gl.zeros([BN, BM], gl.float32, MMA), mask=n_ok)
-                gl.store(cnt_ptr + pid, 0)
             for r in range(0, rank):
                 hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
                 bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)

@@ -7,6 +7,9 @@ outputs once. The kernels round where model.py's PyTorch code rounds (to the inp
 On an H200 in bf16 the two paths still differ by one bf16 step at a few elements of rotary's output; the tests hold
 both to a float32 reference instead.
 
+Decoding adds one more: `rope_into_cache`, rotary on q and k and the KV cache write in one launch, taken where the
+projection groups hand q, k and v over as views of one output (model.Attention).
+
 `runs_on(x)` says whether they run for x (a CUDA tensor, with Triton); model.py calls them behind it, and everywhere
 else its own PyTorch code runs unchanged. They allocate by shape alone and never read device values on the host, so
 a CUDA graph (step_graphs.py) can capture them. benchmarks/bench_elementwise.py measures them against the PyTorch
@@ -127,6 +130,28 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
     return out
 
 
+def rope_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """Decoding's rotary and cache write in one launch: qkv [batch, seq, (heads + 2 kv_heads) * head_dim] (the q/k/v
+    projection group's output, any strides but the last), its k heads rotated into k_cache and its v heads copied
+    into v_cache ([batch, kv_heads, slots, head_dim] each) at slots input_pos [seq] (a device tensor: graphs replay
+    it); returns q rotated, [batch, seq, heads, head_dim], contiguous. The same as Rope on q and k, then
+    KVCache.update, which take four launches."""
+    b, t, width = qkv.shape
+    d = k_cache.shape[-1]
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = cos.expand(b, t, d), sin.expand(b, t, d)
+    q = torch.empty((b, t, heads, d), dtype=qkv.dtype, device=qkv.device)
+    block_h = 16
+    grid = (b * t, triton.cdiv(heads + 2 * kv_heads, block_h))
+    _rope_cache_kernel[grid](qkv, cos, sin, q, k_cache, v_cache, input_pos, t, heads, kv_heads,
+                             qkv.stride(0), qkv.stride(1), *cos.stride()[:2], *sin.stride()[:2],
+                             *k_cache.stride()[:3], *v_cache.stride()[:3],
+                             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2))
+    return q
+
+
 if triton is not None:
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
@@ -210,5 +235,43 @@ if triton is not None:
         x1 = tl.load(x, mask=inside, other=0.0).to(tl.float32)
         x2 = tl.load(x + HALF, mask=inside, other=0.0).to(tl.float32)
         out = out_ptr + (token * heads + hs) * (2 * HALF) + ds
-        tl.store(out, (_rounded(x1 * c, dtype) - _rounded(x2 * s, dtype)).to(dtype), mask=inside)
-        tl.store(out + HALF, (_rounded(x2 * c, dtype) + _rounded(x1 * s, dtype)).to(dtype), mask=inside)
+        o1, o2 = _rotated(x1, x2, c, s, dtype)
+        tl.store(out, o1, mask=inside)
+        tl.store(out + HALF, o2, mask=inside)
+
+    @triton.jit
+    def _rotated(x1, x2, c, s, dtype: tl.constexpr):
+        """A head's two halves rotated by (c, s), rounded as model.apply_rope rounds, in dtype."""
+        return ((_rounded(x1 * c, dtype) - _rounded(x2 * s, dtype)).to(dtype),
+                (_rounded(x2 * c, dtype) + _rounded(x1 * s, dtype)).to(dtype))
+
+    @triton.jit
+    def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, seq, heads, kv_heads, x_sb, x_st,
+                           cos_sb, cos_st, sin_sb, sin_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program: BLOCK_H of one token's q, k and v heads (numbered on through the three)."""
+        token = tl.program_id(0).to(tl.int64)
+        b, t = token // seq, token % seq
+        hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+        ds = tl.arange(0, BLOCK_D)[None, :]
+        inside = (hs < heads + 2 * kv_heads) & (ds < HALF)
+        dtype = x_ptr.dtype.element_ty
+        c = tl.load(cos_ptr + b * cos_sb + t * cos_st + ds, mask=ds < HALF, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + b * sin_sb + t * sin_st + ds, mask=ds < HALF, other=0.0).to(tl.float32)
+        x = x_ptr + b * x_sb + t * x_st + hs * (2 * HALF) + ds
+        x1 = tl.load(x, mask=inside, other=0.0)
+        x2 = tl.load(x + HALF, mask=inside, other=0.0)
+        o1, o2 = _rotated(x1.to(tl.float32), x2.to(tl.float32), c, s, dtype)
+        is_q, is_v = hs < heads, hs >= heads + kv_heads
+        q = q_ptr + (token * heads + hs) * (2 * HALF) + ds
+        tl.store(q, o1, mask=inside & is_q)
+        tl.store(q + HALF, o2, mask=inside & is_q)
+        slot = tl.load(pos_ptr + t)
+        kh = hs - heads
+        k = k_ptr + b * k_sb + kh * k_sh + slot * k_ss + ds
+        is_k = ~is_q & ~is_v
+        tl.store(k, o1, mask=inside & is_k)
+        tl.store(k + HALF, o2, mask=inside & is_k)
+        v = v_ptr + b * v_sb + (kh - kv_heads) * v_sh + slot * v_ss + ds
+        tl.store(v, x1, mask=inside & is_v)
+        tl.store(v + HALF, x2, mask=inside & is_v)
