@@ -13,8 +13,8 @@ instead of a bitsandbytes call and six kernels of LoRA per projection (casting A
 the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged:
 while `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first
 member of a group called with an input computes the whole group and keeps the other members' outputs for their
-calls with the same input tensor. Calls with many rows or with gradients run the
-layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
+calls with the same input tensor. Calls with many rows or with gradients run the layer's own forward. `generate`
+uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
 

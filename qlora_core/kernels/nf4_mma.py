@@ -22,7 +22,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 """
 import torch
 
-from .nf4_matmul import fits, launch_args, workspace
+from .nf4_matmul import TARGET_PROGRAMS, fits, launch_args, workspace
 
 try:
     from triton.experimental import gluon
@@ -35,8 +35,6 @@ MAX_ROWS = 32
 COPIES = 8
 """Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB."""
 WARPS = 4
-TARGET_PROGRAMS = 528
-"""About 4 programs an H200 SM: K is split until the tiles times the splits reach this."""
 
 
 def supports(x: torch.Tensor, layers) -> bool:
