@@ -22,13 +22,17 @@ autotuning, graph capture, allocator and library warm-up). Ours' greedy and beam
 share of new-token positions where the timed path's tokens equal our eager path's (no CUDA graph, no projection
 groups: each layer's own forward) on the same prompts; bf16 can flip near-ties, and every token after a flip
 follows it. Ours' greedy row also says `agree_forced`: the share of its tokens that are the argmax of the model's
-own forward over the prompt and the tokens before them (teacher forcing, so a flip counts once).
+own forward over the prompt and the tokens before them (teacher forcing, so a flip counts once). Random weights give
+nearly flat logits, whose near-ties bf16 flips; `--model DIR` runs a checkpoint of real weights instead (the prompts
+are still random tokens), and `--lora-b-std` gives the adapter a nonzero B, so the LoRA terms count too.
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
     python benchmarks/bench_generate.py --preset tiny --device cpu --new-tokens 8 --iters 1              # smoke
     python benchmarks/bench_generate.py --preset tiny --device cpu --workload adl --new-tokens 4 \\
         --single-prompts 1 --job-prompts 10 --hf-job-prompts 8                                           # smoke
+    python -m qlora_core.convert SmolLM2-135M-Instruct.Q4_1.gguf /tmp/smollm2 && python benchmarks/bench_generate.py \
+        --workload adl --model /tmp/smollm2 --impls ours --lora-b-std 0.02 --modes greedy,beam3    # real weights
 """
 import json
 import random
@@ -53,6 +57,11 @@ def load(impl: str, model_dir, device, args):
 
         model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
         add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
+        if args.lora_b_std:  # an adapter that changes the outputs, as a trained one does (B starts at zero)
+            gen = torch.Generator().manual_seed(args.seed)
+            for m in model.modules():
+                if hasattr(m, "lora_B"):
+                    m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * args.lora_b_std)
         model.eval()
 
         def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False) -> list[list[int]]:
@@ -290,6 +299,10 @@ def main():
     ap.add_argument("--hf-job-prompts", type=int, default=48,
                     help="adl: HF runs whole job batches holding at least this many prompts; its rate is extrapolated "
                     "(default: %(default)s)")
+    ap.add_argument("--model", metavar="DIR", help="a checkpoint directory of real weights (e.g. written by python "
+                    "-m qlora_core.convert X.gguf DIR) instead of random ones at --preset's shape")
+    ap.add_argument("--lora-b-std", type=float, default=0.0,
+                    help="ours: LoRA's B drawn normal(0, this) instead of zero, so the adapter changes the outputs")
     args = ap.parse_args()
     if args.new_tokens is None:
         args.new_tokens = 64 if args.workload == "adl" else 128

@@ -5,8 +5,8 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
   rows <= its MAX_ROWS; with --sweep, every tile configuration in SWEEP as well (`config` says which);
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
-- `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each K split in
-  MMA_SPLITS);
+- `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each (weight tiles a
+  warp, K split) in MMA_SWEEP);
 - `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
   and by F.linear (cuBLAS), which decoding ran before (their GB/s column counts the NF4 weights: ignore it).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
@@ -30,8 +30,9 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 SWEEP = [(4, 4, 4), (2, 4, 4), (1, 4, 4), (4, 2, 4), (2, 2, 4), (2, 4, 8), (4, 4, 2), (1, 2, 4)]
 """(R weight rows, T words a thread, warps) tried by --sweep."""
-MMA_SPLITS = [1, 2, 4, 8, 16]
-"""Parts of K the tensor-core kernel (`mma`) is tried with by --sweep (None: its own choice)."""
+MMA_SWEEP = [(mt, split) for mt in (1, 2, 4) for split in (None, 2, 4, 8, 16)]
+"""(16-row weight tiles a warp, parts of K) the tensor-core kernel (`mma`) is tried with by --sweep (None: its own
+choice)."""
 
 
 def projection_shapes(cfg) -> dict:
@@ -128,9 +129,10 @@ def main():
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
                 if nf4_mma.supports(x, members):
-                    splits = [None] + (MMA_SPLITS if args.sweep else [])
-                    impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(x, sets[i], h, bs, ranks, split=c))
-                              for c in splits]
+                    configs = [None] + (MMA_SWEEP if args.sweep else [])
+                    impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(
+                        x, sets[i], h, bs, ranks, **dict(zip(("mt", "split"), c or ()))))
+                              for c in configs]
                 for impl, config, fn in impls:
                     try:
                         fn(0)

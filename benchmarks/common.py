@@ -69,12 +69,15 @@ def setup(args, impls: tuple, ours_needs_checkpoint: bool = True):
     """(implementations asked for, model config, the model's source) from parsed base_parser flags.
 
     The source is a random checkpoint directory, written unless it is already there, or, when only ours runs and
-    ours does not need one, the config itself: load_source then builds the random NF4 model on the device.
+    ours does not need one, the config itself: load_source then builds the random NF4 model on the device. A
+    benchmark with a --model flag (a checkpoint directory of real weights) takes that directory when it is given.
     """
     chosen = [i for i in args.impls.split(",") if i]
     unknown = set(chosen) - set(impls)
     if unknown:
         raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(impls)})")
+    if getattr(args, "model", None):
+        return chosen, ModelConfig.from_json(Path(args.model) / "config.json"), args.model
     cfg = model_config(args.preset, args.config_json, args.layers)
     if not ours_needs_checkpoint and chosen == ["ours"]:
         return chosen, cfg, cfg

@@ -262,6 +262,40 @@ def cut_at_eos(tokens: torch.Tensor, eos_id: int | None) -> list[list[int]]:
     return [row[:row.index(eos_id) + 1] if eos_id in row else row for row in rows]
 
 
+class StopFlag:
+    """Whether decoding stops, a device bool read on the host: on CUDA one step late, so the GPU never waits.
+
+    `bool(flag)` would wait for everything queued, the next step's graph included, after which the GPU idles while
+    the host queues the step's selection (beam search: some 40 launches). Read late, `now` queues the flag's copy
+    into pinned memory behind the work that computes it and says False; `late`, called once the next step is
+    queued, waits for that copy alone and says the flag, and the caller drops the extra step's result. Read at once
+    (the CPU's default), `now` says the flag and `late` False. late: None for the device's default.
+    """
+
+    def __init__(self, device: torch.device, late: bool | None = None):
+        self.read_late = device.type == "cuda" if late is None else late
+        self.host = self.copied = None
+
+    def now(self, flag: torch.Tensor) -> bool:
+        if not self.read_late:
+            return bool(flag)
+        if flag.is_cuda:
+            if self.host is None:
+                self.host, self.copied = torch.zeros((), dtype=torch.bool, pin_memory=True), torch.cuda.Event()
+            self.host.copy_(flag, non_blocking=True)
+            self.copied.record()
+        else:
+            self.host = flag.clone()
+        return False
+
+    def late(self) -> bool:
+        if not self.read_late:
+            return False
+        if self.copied is not None:
+            self.copied.synchronize()
+        return bool(self.host)
+
+
 def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p, generator,
                   step=decode_one_token):
     """Greedy (or sampled) decoding of a left-padded batch whose cache is set up; tokens [rows, max_new_tokens].
@@ -273,16 +307,19 @@ def greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature,
     input_pos = torch.tensor([width], device=ids.device)
     out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    stop = StopFlag(ids.device)
     for t in range(max_new_tokens):
         token = select_token(logits, temperature, top_p, generator).masked_fill(done, pad_id)
         out[:, t] = token
         if eos_id is not None:
             done |= token == eos_id
-        if t + 1 == max_new_tokens or (eos_id is not None and bool(done.all())):
+        if t + 1 == max_new_tokens or (eos_id is not None and stop.now(done.all())):
             break
         mask.index_copy_(1, input_pos, ~done[:, None])
         logits = step(model, token[:, None], input_pos, mask)
         input_pos += 1
+        if eos_id is not None and stop.late():  # all rows were done at t: this step's logits are not needed
+            break
     return out
 
 
@@ -322,6 +359,7 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
     is_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
     improvable = torch.ones(batch, dtype=torch.bool, device=device)
     top_beams = torch.arange(keep, device=device) < num_beams
+    stop = StopFlag(device)
     row_offset = torch.arange(batch, device=device)[:, None] * num_beams
 
     for t in range(max_new_tokens):
@@ -353,11 +391,13 @@ def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, len
         best_running = running_scores[:, :1] / ((t + 1) ** length_penalty)
         worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEG_INF)
         improvable &= (best_running > worst_finished).any(dim=1)
-        if t + 1 == max_new_tokens or bool(~improvable.any() | hits.all()):
+        if t + 1 == max_new_tokens or stop.now(~improvable.any() | hits.all()):
             break
         reorder_cache(model, source_rows, width + t, num_beams, first=width)  # the prompt is every beam's
         logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
         input_pos += 1
+        if stop.late():  # all prompts were closed at t: finished holds the answer, this step's logits are not needed
+            break
     return finished[:, 0]
 
 

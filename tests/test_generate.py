@@ -106,6 +106,30 @@ def test_beam_search_stops_when_no_beam_can_improve(models, monkeypatch):
     pytest.fail("beam search never stopped early")
 
 
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_stop_flag_read_a_step_late_changes_no_token(models, monkeypatch, num_beams):
+    """Read late (as on CUDA), the stop test costs one more decode step and leaves every token as read at once."""
+    ref, ours = models
+    steps = []
+    decode = gen.decode_one_token
+    monkeypatch.setattr(gen, "decode_one_token", lambda *a: steps.append(1) or decode(*a))
+    flag = gen.StopFlag
+    for _ in range(10):
+        prompts = random_prompts(n=1)
+        for eos in eos_candidates(ours, prompts, MAX_NEW):
+            runs = {}
+            for late in (False, True):
+                monkeypatch.setattr(gen, "StopFlag", lambda device, late=late: flag(device, late))
+                steps.clear()
+                runs[late] = gen.generate(ours, prompts, MAX_NEW, num_beams=num_beams, eos_id=eos), len(steps)
+            (at_once, n_at_once), (late, n_late) = runs[False], runs[True]
+            if n_at_once < MAX_NEW - 1:  # stopped early
+                assert late == at_once == hf_generate(ref, prompts, MAX_NEW, eos, num_beams=num_beams)
+                assert n_late == n_at_once + 1
+                return
+    pytest.fail("decoding never stopped early")
+
+
 def naive_greedy(model, prompt, max_new, eos_id):
     """Greedy decoding of one prompt without a cache: the whole sequence is recomputed at every step."""
     ids, new = list(prompt), []

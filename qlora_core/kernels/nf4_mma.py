@@ -35,6 +35,8 @@ MAX_ROWS = 32
 COPIES = 8
 """Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB."""
 WARPS = 4
+MT = {8: 1, 16: 1, 32: 1}
+"""x rows padded (8, 16, 32) -> 16-row weight tiles a warp multiplies by each block of x it loads."""
 
 
 def supports(x: torch.Tensor, layers) -> bool:
@@ -58,34 +60,37 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-            split: int | None = None) -> torch.Tensor:
+            split: int | None = None, mt: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
-    for TARGET_PROGRAMS programs)."""
-    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * WARPS, torch.uint8)
-    rows, k = x2.shape
+    for TARGET_PROGRAMS programs). mt: 16-row weight tiles a warp (default MT's)."""
+    rows, k = x.numel() // x.shape[-1], x.shape[-1]
     bm = 8 if rows <= 8 else 16 if rows <= 16 else 32
+    mt = mt or MT[bm]
+    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * WARPS * mt, torch.uint8)
     blocks = k // 64
     if split is None:
         split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
     per_split = -(-blocks // split)
     split = -(-blocks // per_split)  # no empty splits
     ws, counters = workspace(x.device, y.shape[1], tiles)
-    lay = _layouts(bm, WARPS)
+    lay = _layouts(bm, WARPS, mt)
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
-                            BM=bm, W=WARPS, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
+                            BM=bm, W=WARPS, MT=mt, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
                             ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
     return y.view(*x.shape[:-1], y.shape[1])
 
 
-def _layouts(bm: int, warps: int):
-    """(the bytes [BN, 32] of a block: a thread's 8 contiguous bytes of two rows 8 apart, as mma's A layout holds
-    them; x's [BM, 64] codes of a block: a thread's 16 contiguous ones of its rows, as the B layout holds them)."""
+def _layouts(bm: int, warps: int, mt: int):
+    """(the bytes [BN, 32] of a block: a thread's 8 contiguous bytes of two rows 8 apart in each of its warp's mt
+    tiles, as mma's A layout holds them; x's [BM, 64] codes of a block: a thread's 16 contiguous ones of its rows, as
+    the B layout holds them)."""
     warp_rows = [[16 * 2 ** i, 0] for i in range(warps.bit_length() - 1)]
-    lb = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+    tile_rows = [[16 * warps * 2 ** i, 0] for i in range(mt.bit_length() - 1)]
+    lb = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]] + tile_rows,
                                     lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
-                                    warp_bases=warp_rows, block_bases=[], shape=[16 * warps, 32])
+                                    warp_bases=warp_rows, block_bases=[], shape=[16 * warps * mt, 32])
     m_regs = [[8 * 2 ** i, 0] for i in range((bm // 8).bit_length() - 1)]
     lxp = gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8]] + m_regs,
                                      lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
@@ -116,13 +121,13 @@ if gluon is not None:
                 w1, am1, am2_1, c2_1, off1, b1, n1, r1, hc1, t1,
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
-                BM: gl.constexpr, W: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr, COPIES: gl.constexpr,
-                ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
-        """One program: 16 * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
+                BM: gl.constexpr, W: gl.constexpr, MT: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr,
+                COPIES: gl.constexpr, ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
+        """One program: 16 * W * MT output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
         DB: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
-        BN: gl.constexpr = 16 * W
+        BN: gl.constexpr = 16 * W * MT
         pid = gl.program_id(0)
         part = gl.program_id(1)
         w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0 = segment(
