@@ -183,6 +183,33 @@ def test_nf4_projection_groups_in_bf16_match_each_layers_own_forward(tmp_path, r
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.8
 
 
+@pytest.mark.parametrize("rows", [1, 3, 24])
+def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, monkeypatch, rows):
+    """NORM_WITH_LORA_A on the GPU in bf16: in a forward of one token a row, q/k/v's and gate/up's norms compute
+    their group's h too (counted), logits within rounding of the model's own forward; generate (3 beams) gives the
+    same tokens graphed as eager."""
+    import qlora_core.generate as gen
+    import qlora_core.kernels.fused_projections as fp
+    model = small_nf4_lora_model(tmp_path, torch.bfloat16).eval()
+    ids = torch.randint(3, 128, (rows, 1), device="cuda")
+    with torch.inference_mode():
+        plain = model(ids).float()
+        monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+        groups = fp.projection_groups(model)
+        launch = fp.lora_a.lora_a
+        handed = []
+        monkeypatch.setattr(fp.lora_a, "lora_a", lambda x, a, norm=None: handed.append(norm) or launch(x, a, norm))
+        with fp.fused_projections(model, groups, torch.bfloat16):
+            fused = model(ids).float()
+        assert sum(n is not None for n in handed) == 2 * 2 and len(handed) == 2 * 2 * 2  # o and down: h alone
+    assert (fused - plain).abs().max() <= 0.05 * plain.abs().max()
+    assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.8
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9)]
+    assert generate(model, prompts, 16, num_beams=3, cuda_graph=True) == \
+        generate(model, prompts, 16, num_beams=3, cuda_graph=False)
+    gen.release_decode_state(model)
+
+
 def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
     """Calls of the same rows and cache-length bucket replay one captured step; their tokens equal eager decoding."""
     import qlora_core.generate as gen
@@ -517,8 +544,9 @@ def test_beam_reorder_kernel_matches_the_gather_on_cuda():
 
 
 def test_lora_a_kernel_matches_f_linear_on_cuda():
-    from test_lora_a import check_lora_a
+    from test_lora_a import check_lora_a, check_norm_lora_a
     check_lora_a("cuda")
+    check_norm_lora_a("cuda")
 
 
 def test_rope_into_cache_matches_rope_and_the_cache_update_on_cuda():

@@ -125,3 +125,43 @@ def test_the_nf4_kernel_is_checked_once_a_shape_and_dropped_where_it_is_wrong(mo
             assert torch.allclose(y, expected, atol=1e-6)
     assert len(calls) == (3 if kernel == "agrees" else 1)
     assert list(fp.CHECKED.values()) == [kernel == "agrees"]
+
+
+def test_the_norm_and_its_groups_lora_a_from_one_launch_give_the_eager_tokens(model, monkeypatch):
+    """With NORM_WITH_LORA_A, q/k/v's and gate/up's input norms hand their h to the group (the launch faked on the
+    CPU by the norm and F.linear): generate's tokens are the eager path's, and those groups compute no h of their
+    own."""
+    import qlora_core.kernels.fused_projections as fp
+    from qlora_core.generate import generate
+    launches, own_h = [], []
+
+    def fake(x, a, norm=None):
+        if norm is None:
+            own_h.append(a.shape)
+            return F.linear(x, a)
+        launches.append(a.shape)
+        module = torch.nn.Module()
+        module.weight, module.eps = norm
+        out = type(model.model.norm).forward(module, x)
+        return out, F.linear(out, a)
+
+    monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+    monkeypatch.setattr(fp.lora_a, "supports", lambda x, a: True)
+    monkeypatch.setattr(fp.lora_a, "lora_a", fake)
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9)]
+    for beams in (1, 3):
+        eager = generate(model, prompts, 8, num_beams=beams, groups=False)
+        launches.clear(), own_h.clear()
+        assert generate(model, prompts, 8, num_beams=beams, groups=True) == eager
+        assert len(launches) == 8 * 2 * 2  # the prefill (18 rows) and 7 decode steps, 2 layers, 2 norms each
+        assert len(own_h) == 8 * 2 * 2  # o and down compute theirs
+    assert all("forward" not in vars(layer.input_layernorm) for layer in model.model.layers)  # restored
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for groups in ([], projection_groups(model)):  # as test_decoding_logits_through_the_groups_equal_the_model_alone
+        with torch.inference_mode(), fused_projections(model, groups, torch.float32):
+            model.setup_cache(3, 16)
+            model(ids, input_pos=torch.arange(7))
+            logits.append(model(ids[:, -1:], input_pos=torch.tensor([7])).float())
+            model.clear_cache()
+    assert (logits[1] - logits[0]).abs().max() <= 1e-4 * logits[0].abs().max()

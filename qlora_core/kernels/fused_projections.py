@@ -31,9 +31,13 @@ MAX_ROWS = 32
 CHECKED: dict = {}
 """Shapes (device, dtype, rows, in, outs, ranks) on which the NF4 kernel was checked against dequantize + GEMM:
 True where it agreed, False where it failed or disagreed (those decode through `matmuls`)."""
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-"""Projections that share an input, by the submodule that holds them."""
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"), ("self_attn", ("o_proj",), None),
+          ("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"), ("mlp", ("down_proj",), None))
+"""Projections that share an input, by the submodule that holds them, and the decoder layer's RMSNorm that makes
+that input (None: another operation does)."""
+NORM_WITH_LORA_A = False
+"""Whether a group's RMSNorm and its LoRA h = x A^T run as one launch of kernels/lora_a.py (on CUDA). Off until an
+H200 measures it: bench_generate.py --set qlora_core.kernels.fused_projections.NORM_WITH_LORA_A=1."""
 
 
 def _parts(module):
@@ -52,8 +56,12 @@ def _parts(module):
 class ProjectionGroup:
     """Projections sharing an input, each over a 4-bit layer, computed together at the first member's call."""
 
-    def __init__(self, modules: list):
+    def __init__(self, modules: list, norm=None):
         self.modules = modules
+        self.norm = norm
+        """The RMSNorm module whose output is the group's input, or None."""
+        self.normed = None
+        """(the norm's output, h of it) when the norm's launch computed h too (norm_forward), until the group runs."""
         parts = [_parts(m) for m in modules]
         self.bases = [p[0] for p in parts]
         self.loras = [p[1] if p[1] is not None and not getattr(p[1], "merged", False) else None for p in parts]
@@ -93,14 +101,28 @@ class ProjectionGroup:
                 or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
         h = None
-        if any(self.ranks):
+        if self.normed is not None and self.normed[0] is x:
+            h = self.normed[1]
+        elif any(self.ranks):
             h = lora_a.lora_a(x, self.a) if lora_a.supports(x, self.a) else F.linear(x, self.a)
+        self.normed = None
         outs = self.kernel(x, h)
         if outs is None:
             outs = self.matmuls(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
+
+    def norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The norm's output for x; where NORM_WITH_LORA_A and the kernel apply, from the launch that computes the
+        group's h of it too, which `forward` then takes."""
+        norm = self.norm
+        if (NORM_WITH_LORA_A and any(self.ranks) and self.a is not None and self.a.dtype == x.dtype
+                and norm.weight.dtype == x.dtype and not torch.is_grad_enabled() and lora_a.supports(x, self.a)):
+            out, h = lora_a.lora_a(x, self.a, norm=(norm.weight, norm.eps))
+            self.normed = (out, h)
+            return out
+        return type(norm).forward(norm, x)
 
     def kernel(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor] | None:
         """Each member's output through one launch of nf4_matmul (up to its MAX_ROWS) or nf4_mma, or None where neither
@@ -156,12 +178,12 @@ def projection_groups(model) -> list[ProjectionGroup]:
     """The groups of every decoder layer whose members all have 4-bit bases without bias."""
     groups = []
     for layer in model.model.layers:
-        for holder, names in GROUPS:
+        for holder, names, norm in GROUPS:
             parent = getattr(layer, holder, None)
             modules = [getattr(parent, n, None) for n in names]
             if any(m is None or _parts(m) is None for m in modules):
                 continue
-            groups.append(ProjectionGroup(modules))
+            groups.append(ProjectionGroup(modules, getattr(layer, norm, None) if norm else None))
     return groups
 
 
@@ -172,10 +194,12 @@ def fused_projections(model, groups: list[ProjectionGroup], dtype: torch.dtype):
         group.refresh(dtype)
         for i, m in enumerate(group.modules):
             m.forward = lambda x, group=group, i=i: group.forward(i, x)
+        if group.norm is not None:
+            group.norm.forward = group.norm_forward
     try:
         yield
     finally:
         for group in groups:
-            group.pending = None
-            for m in group.modules:
+            group.pending = group.normed = None
+            for m in group.modules + ([group.norm] if group.norm is not None else []):
                 del m.forward
