@@ -62,7 +62,29 @@ def base_parser(description: str, impls: tuple) -> argparse.ArgumentParser:
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/<script name>.json)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="set a module constant before the run, for an A/B of one change (repeatable), e.g. "
+                    "qlora_core.kernels.fused_projections.NORM_WITH_LORA_A=1")
     return ap
+
+
+def apply_settings(settings: list[str]) -> None:
+    """--set's MODULE.NAME=VALUE: the module's existing constant NAME set to VALUE (a Python literal)."""
+    import ast
+    import importlib
+    for item in settings:
+        target, sep, value = item.partition("=")
+        module_name, _, name = target.rpartition(".")
+        if not sep or not module_name:
+            raise SystemExit(f"--set {item!r}: expected MODULE.NAME=VALUE")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise SystemExit(f"--set {item!r}: {e}") from None
+        if not hasattr(module, name):
+            raise SystemExit(f"--set {item!r}: {module_name} has no {name}")
+        setattr(module, name, ast.literal_eval(value))
+        log(f"set {target} = {getattr(module, name)!r}")
 
 
 def setup(args, impls: tuple, ours_needs_checkpoint: bool = True):
@@ -76,6 +98,7 @@ def setup(args, impls: tuple, ours_needs_checkpoint: bool = True):
     unknown = set(chosen) - set(impls)
     if unknown:
         raise SystemExit(f"unknown --impls {sorted(unknown)} (choose among {', '.join(impls)})")
+    apply_settings(args.set)
     if getattr(args, "model", None):
         return chosen, ModelConfig.from_json(Path(args.model) / "config.json"), args.model
     cfg = model_config(args.preset, args.config_json, args.layers)

@@ -24,6 +24,8 @@ NEG_INF = -1.0e9
 """The score transformers gives to beams that must not be picked (a float32 number, not -inf, as there)."""
 REORDER_BYTES = 256 * 2 ** 20
 """Most bytes one gather of beam search's cache reorder copies (DecodeState.reorder)."""
+STOP_READ_LATE = True
+"""On CUDA, decoding reads its stop test one step late (StopFlag)."""
 CACHE_BUCKET = 16
 """On CUDA, cache lengths are rounded up to a multiple of this, so batches of similar prompt lengths reuse
 one captured decode step. 64 made the ADL job's cache of 423 slots 448 (0.3 GiB more at Llama-2-7B's 24 rows)."""
@@ -269,11 +271,12 @@ class StopFlag:
     the host queues the step's selection (beam search: some 40 launches). Read late, `now` queues the flag's copy
     into pinned memory behind the work that computes it and says False; `late`, called once the next step is
     queued, waits for that copy alone and says the flag, and the caller drops the extra step's result. Read at once
-    (the CPU's default), `now` says the flag and `late` False. late: None for the device's default.
+    (the CPU's way), `now` says the flag and `late` False. late: None for the device's default (late on CUDA, where
+    STOP_READ_LATE).
     """
 
     def __init__(self, device: torch.device, late: bool | None = None):
-        self.read_late = device.type == "cuda" if late is None else late
+        self.read_late = device.type == "cuda" and STOP_READ_LATE if late is None else late
         self.host = self.copied = None
 
     def now(self, flag: torch.Tensor) -> bool:

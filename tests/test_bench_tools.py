@@ -78,3 +78,33 @@ def test_scale_rows_keep_their_preset(tmp_path):
                                                                    ("llama-2-13b", "hf-best")]
     assert merged["environment"] == {"gpu": "llama-2-70b"} and "extra" not in merged["rows"][0]
     assert [r["settings"]["preset"] for r in merged["runs"]] == ["llama-2-70b", "llama-2-13b"]
+
+
+def test_set_changes_an_existing_module_constant_and_refuses_anything_else(monkeypatch):
+    import pytest
+
+    import qlora_core.generate as gen
+    from common import apply_settings
+    monkeypatch.setattr(gen, "CACHE_BUCKET", gen.CACHE_BUCKET)  # restored after the test
+    apply_settings(["qlora_core.generate.CACHE_BUCKET=64"])
+    assert gen.CACHE_BUCKET == 64
+    for bad in ["qlora_core.generate.NO_SUCH=1", "qlora_core.no_such.X=1", "CACHE_BUCKET=1", "qlora_core.generate.X"]:
+        with pytest.raises(SystemExit):
+            apply_settings([bad])
+
+
+def test_bench_generate_runs_a_real_checkpoint_directory(tmp_path):
+    """--model DIR: ours decodes the directory's own weights (a tiny random checkpoint here, its vocabulary of 128,
+    not a preset's), and the JSON names it."""
+    import subprocess
+    write_checkpoint(tmp_path / "model")
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps([[5], [9], [12]]))
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_generate.py"), "--workload", "adl", "--model",
+                    str(tmp_path / "model"), "--impls", "ours", "--device", "cpu", "--lengths", str(lengths),
+                    "--new-tokens", "3", "--single-prompts", "2", "--modes", "greedy", "--lora-b-std", "0.02",
+                    "--out", str(out)], check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["settings"]["model"] == "model" and result["config"]["vocab_size"] == 128
+    assert [r["mode"] for r in result["rows"]] == ["greedy"] and result["rows"][0]["equal_eager"] == 1.0
