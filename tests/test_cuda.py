@@ -210,6 +210,26 @@ def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, 
     gen.release_decode_state(model)
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch, beams):
+    """kernels.PDL on (with NORM_WITH_LORA_A, so every kernel of ours takes part) at 1 and 3 rows a prompt, graphed:
+    the same arithmetic in the same order, so the tokens of PDL off exactly."""
+    import qlora_core.generate as gen
+    import qlora_core.kernels as kernels
+    import qlora_core.kernels.fused_projections as fp
+    model = small_nf4_lora_model(tmp_path, torch.bfloat16)
+    monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9, 30)]
+    tokens = {}
+    for on in (False, True):
+        monkeypatch.setattr(kernels, "PDL", on)
+        gen.release_decode_state(model)  # captured again, with PDL launches
+        tokens[on] = [generate(model, [p], 24, num_beams=beams) for p in prompts] + \
+            [generate(model, prompts, 24, num_beams=beams)]
+    assert tokens[True] == tokens[False]
+    gen.release_decode_state(model)
+
+
 def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
     """Calls of the same rows and cache-length bucket replay one captured step; their tokens equal eager decoding."""
     import qlora_core.generate as gen

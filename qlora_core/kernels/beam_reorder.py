@@ -15,7 +15,7 @@ against 132.2 through the gather, and the 250-prompt job 765.8 against 563.5.
 """
 import torch
 
-from . import runs_on
+from . import pdl, runs_on
 
 try:
     import triton
@@ -52,13 +52,16 @@ def reorder(cache: torch.Tensor, src: torch.Tensor, first: int, filled: int, bea
     grid = (rows // beams, planes, triton.cdiv(filled - first, BLOCK_S))
     _reorder_kernel[grid](cache, src, first, filled, cache.stride(0), plane, cache.stride(-2), head_dim, beams,
                           BEAMS=triton.next_power_of_2(beams), BLOCK_S=BLOCK_S,
-                          BLOCK_D=triton.next_power_of_2(head_dim))
+                          BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl(cache), launch_pdl=pdl(cache))
 
 
 if triton is not None:
+    from . import grid_dependency
+
     @triton.jit
     def _reorder_kernel(cache_ptr, src_ptr, first, filled, s_row, s_plane, s_slot, head_dim, beams,
-                        BEAMS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BEAMS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+        grid_dependency(PDL)
         group = tl.program_id(0).to(tl.int64)
         plane = tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BEAMS)

@@ -15,7 +15,7 @@ where it rounds), writes them and multiplies them by A; fused_projections hands 
 """
 import torch
 
-from . import runs_on
+from . import pdl, runs_on
 
 try:
     import triton
@@ -28,7 +28,7 @@ MAX_RANK = 64
 BLOCK_K = 64
 BLOCKS_PER_PROGRAM = 4
 """K blocks of BLOCK_K one program sums: 16 programs at K 4,096, 43 at 11,008."""
-NORM_TILE = 16384
+NORM_TILE = 8192
 """Elements of x the norm's sum of squares loads at a time: [BM rows, NORM_TILE / BM columns]."""
 _workspaces: dict = {}
 
@@ -67,16 +67,21 @@ def lora_a(x: torch.Tensor, a: torch.Tensor, norm: tuple[torch.Tensor, float] | 
     bm = max(16, triton.next_power_of_2(rows))
     _lora_a_kernel[(splits,)](x2, a, h, ws, counter, weight, normed, rows, r, k, x2.stride(0), splits, eps,
                               BM=bm, BR=max(16, triton.next_power_of_2(r)), BK=BLOCK_K, BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK,
-                              IEEE=x.dtype == torch.float32, NORM=norm is not None, NORM_BLOCK=NORM_TILE // bm)
+                              IEEE=x.dtype == torch.float32, NORM=norm is not None, NORM_BLOCK=NORM_TILE // bm,
+                              PDL=pdl(x), launch_pdl=pdl(x))
     h = h.view(*x.shape[:-1], r)
     return h if norm is None else (normed.view(x.shape), h)
 
 
 if triton is not None:
+    from . import grid_dependency
+
     @triton.jit
     def _lora_a_kernel(x_ptr, a_ptr, h_ptr, ws_ptr, cnt_ptr, w_ptr, normed_ptr, rows, r, k, stride_x, splits, eps,
                        BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BLOCKS: tl.constexpr,
-                       WS_COLS: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr):
+                       WS_COLS: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+        grid_dependency(PDL)
         part = tl.program_id(0)
         m = tl.arange(0, BM)
         n = tl.arange(0, BR)

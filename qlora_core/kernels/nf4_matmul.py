@@ -19,6 +19,7 @@ most MAX_ROWS rows); elsewhere the caller uses bitsandbytes.
 """
 import torch
 
+from . import pdl
 from .nf4_dequant import host_offset, use_kernel as dequantizes
 
 try:
@@ -85,7 +86,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     ws, counters = workspace(x.device, y.shape[1], tiles)
     _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                            SPLIT=split, num_warps=warps)
+                            SPLIT=split, PDL=pdl(x), num_warps=warps, launch_pdl=pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -164,6 +165,16 @@ if gluon is not None:
         return w_ptr, am_ptr, am2_ptr, c2_ptr, offset, b_ptr, N, rank, hc, tile, col0
 
     @gluon.jit
+    def grid_dependency(PDL: gl.constexpr):
+        """kernels.grid_dependency in Gluon: where PDL, wait for the kernel before to finish, then let the next one
+        launch. Shared with nf4_mma."""
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; mov.u32 $0, 0;", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
+
+    @gluon.jit
     def split_total(acc, ws_ptrs, mask, cnt_ptr, SPLIT: gl.constexpr):
         """(acc summed over the SPLIT programs of one output tile, whether this program holds that sum): each adds
         its float32 partial into the workspace at ws_ptrs with atomics and counts itself at cnt_ptr; the last to
@@ -192,7 +203,7 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, R: gl.constexpr, T: gl.constexpr, W: gl.constexpr, L5: gl.constexpr,
-                SPLIT: gl.constexpr):
+                SPLIT: gl.constexpr, PDL: gl.constexpr):
         """One program: BN = R * W output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         TB: gl.constexpr = 8 // T
         NB: gl.constexpr = 32 // TB                              # quantization blocks an iteration covers
@@ -242,6 +253,7 @@ if gluon is not None:
         gl.thread_barrier()
         base = gl.inline_asm_elementwise("mov.u32 $0, global_smem;", "=r", [], dtype=gl.uint32, is_pure=True,
                                          pack=1)
+        grid_dependency(PDL)  # x, h and the workspace come from the kernels before; the rest is constant
 
         acc = gl.zeros([BM, BN, NB], gl.float32, LP)
         for kb0 in range(lo, hi, NB):

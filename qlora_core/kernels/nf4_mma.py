@@ -22,6 +22,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 """
 import torch
 
+from . import pdl
 from .nf4_matmul import TARGET_PROGRAMS, fits, launch_args, workspace
 
 try:
@@ -78,7 +79,8 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=WARPS, MT=mt, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=WARPS)
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PDL=pdl(x), num_warps=WARPS,
+                            launch_pdl=pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
 
 
@@ -113,7 +115,7 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-    from .nf4_matmul import segment, split_total
+    from .nf4_matmul import grid_dependency, segment, split_total
 
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
@@ -122,7 +124,8 @@ if gluon is not None:
                 w2, am2, am2_2, c2_2, off2, b2, n2, r2, hc2, t2,
                 M, K, stride_h, stride_y, per_split,
                 BM: gl.constexpr, W: gl.constexpr, MT: gl.constexpr, LB: gl.constexpr, LXP: gl.constexpr,
-                COPIES: gl.constexpr, ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr):
+                COPIES: gl.constexpr, ASM_LANE: gl.constexpr, ASM_DECODE: gl.constexpr, SPLIT: gl.constexpr,
+                PDL: gl.constexpr):
         """One program: 16 * W * MT output columns of one segment, for all M rows, over one of SPLIT parts of K."""
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1], instr_shape=[16, 8])
         DA: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -147,6 +150,8 @@ if gluon is not None:
         rn_s = gl.minimum(tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)), N - 1)
         s_row = rn_s.to(gl.int64) * kb_total
 
+        # x, h, the workspace and (at a first call) the pair table come from the kernels before; the rest is constant
+        grid_dependency(PDL)
         LT: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
         ti = gl.arange(0, 256 * COPIES, layout=LT)
         table = gl.allocate_shared_memory(gl.int32, [256 * COPIES], gl.SwizzledSharedLayout(1, 1, 1, [0]),

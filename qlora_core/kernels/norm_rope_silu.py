@@ -17,7 +17,7 @@ path; a kernel that does not pay is to be deleted.
 """
 import torch
 
-from . import runs_on  # noqa: F401  (model.py asks fused.runs_on(x))
+from . import pdl, runs_on  # noqa: F401  (model.py asks fused.runs_on(x))
 
 try:
     import triton
@@ -55,7 +55,8 @@ class RMSNorm(torch.autograd.Function):
         out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         r = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, warps = row_block(n)
-        _rmsnorm_fwd[(n_rows,)](x2, weight, out, r, x2.stride(0), n, eps, BLOCK=block, num_warps=warps)
+        _rmsnorm_fwd[(n_rows,)](x2, weight, out, r, x2.stride(0), n, eps, BLOCK=block, PDL=pdl(x), num_warps=warps,
+                                launch_pdl=pdl(x))
         ctx.save_for_backward(x2, weight, r)
         return out.view(x.shape)
 
@@ -84,7 +85,8 @@ class SiluMul(torch.autograd.Function):
         g2, u2 = as_rows(gate), as_rows(up)
         out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
         grid = (g2.shape[0], triton.cdiv(g2.shape[1], BLOCK))
-        _silu_mul_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=BLOCK)
+        _silu_mul_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=BLOCK, PDL=pdl(gate),
+                            launch_pdl=pdl(gate))
         ctx.save_for_backward(g2, u2)
         return out.view(gate.shape)
 
@@ -148,18 +150,22 @@ def rope_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Ten
     _rope_cache_kernel[grid](qkv, cos, sin, q, k_cache, v_cache, input_pos, t, heads, kv_heads,
                              qkv.stride(0), qkv.stride(1), *cos.stride()[:2], *sin.stride()[:2],
                              *k_cache.stride()[:3], *v_cache.stride()[:3],
-                             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2))
+                             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), PDL=pdl(qkv),
+                             launch_pdl=pdl(qkv))
     return q
 
 
 if triton is not None:
+    from . import grid_dependency
+
     @triton.jit
     def _rounded(v, dtype: tl.constexpr):
         """v rounded to dtype and back to float32: where the PyTorch path stores an intermediate in dtype."""
         return v.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _rmsnorm_fwd(x_ptr, w_ptr, out_ptr, r_ptr, x_stride, n, eps, BLOCK: tl.constexpr):
+    def _rmsnorm_fwd(x_ptr, w_ptr, out_ptr, r_ptr, x_stride, n, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        grid_dependency(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         inside = cols < n
@@ -194,7 +200,8 @@ if triton is not None:
             tl.store(dw_ptr + pid * n + cols, dw, mask=inside)
 
     @triton.jit
-    def _silu_mul_fwd(g_ptr, u_ptr, out_ptr, g_stride, u_stride, n, BLOCK: tl.constexpr):
+    def _silu_mul_fwd(g_ptr, u_ptr, out_ptr, g_stride, u_stride, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        grid_dependency(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         inside = cols < n
@@ -248,8 +255,9 @@ if triton is not None:
     @triton.jit
     def _rope_cache_kernel(x_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, seq, heads, kv_heads, x_sb, x_st,
                            cos_sb, cos_st, sin_sb, sin_st, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                           HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         """One program: BLOCK_H of one token's q, k and v heads (numbered on through the three)."""
+        grid_dependency(PDL)
         token = tl.program_id(0).to(tl.int64)
         b, t = token // seq, token % seq
         hs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
