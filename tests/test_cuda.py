@@ -212,13 +212,15 @@ def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, 
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch, beams):
-    """kernels.PDL on (with NORM_WITH_LORA_A, so every kernel of ours takes part) at 1 and 3 rows a prompt, graphed:
-    the same arithmetic in the same order, so the tokens of PDL off exactly."""
+    """kernels.PDL on (with NORM_WITH_LORA_A and DECODE_ATTENTION, so every kernel of ours takes part) at 1 and 3
+    rows a prompt, graphed: the same arithmetic in the same order, so the tokens of PDL off exactly."""
     import qlora_core.generate as gen
     import qlora_core.kernels as kernels
+    import qlora_core.kernels.decode_attention as da
     import qlora_core.kernels.fused_projections as fp
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+    monkeypatch.setattr(da, "DECODE_ATTENTION", True)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9, 30)]
     tokens = {}
     for on in (False, True):
@@ -561,6 +563,40 @@ def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, mt, split, shapes,
 def test_beam_reorder_kernel_matches_the_gather_on_cuda():
     from test_beam_reorder import check_reorder
     check_reorder("cuda")
+
+
+def test_decode_attention_kernel_matches_sdpa_on_cuda():
+    from test_decode_attention import check_decode_attention
+    check_decode_attention("cuda")
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_decode_attention_in_generate_matches_sdpa(tmp_path, monkeypatch, beams):
+    """DECODE_ATTENTION on the GPU in bf16 (grouped-query heads): one decode step's logits within rounding of SDPA's
+    (the kernel counted), and generate's tokens the same graphed as eager."""
+    import qlora_core.generate as gen
+    import qlora_core.kernels.decode_attention as da
+    model = small_nf4_lora_model(tmp_path, torch.bfloat16).eval()
+    prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9, 30)]
+    ids = torch.tensor([[1] * (30 - len(p)) + p for p in prompts], device="cuda")
+    real = torch.tensor([[0] * (30 - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+    launch = da.decode_attention
+    calls = []
+    monkeypatch.setattr(da, "decode_attention", lambda *a: calls.append(1) or launch(*a))
+    logits = []
+    for on in (False, True):
+        monkeypatch.setattr(da, "DECODE_ATTENTION", on)
+        with torch.inference_mode():
+            model.setup_cache(3, 48)
+            mask = torch.cat([real, torch.ones(3, 18, dtype=torch.long, device="cuda")], dim=1)
+            model(ids, attention_mask=mask, input_pos=torch.arange(30, device="cuda"))
+            logits.append(model(ids[:, -1:], attention_mask=mask, input_pos=torch.tensor([30], device="cuda")).float())
+            model.clear_cache()
+    assert len(calls) == len(model.model.layers)  # the decode step's layers, with the switch on
+    assert (logits[1] - logits[0]).abs().max() <= 0.02 * logits[0].abs().max()
+    assert generate(model, prompts, 16, num_beams=beams, cuda_graph=True) == \
+        generate(model, prompts, 16, num_beams=beams, cuda_graph=False)
+    gen.release_decode_state(model)
 
 
 def test_lora_a_kernel_matches_f_linear_on_cuda():
