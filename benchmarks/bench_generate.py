@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
-                    measure, peak_gib, report, reset_peak, setup, write_json)
+                    measure, peak_gib, report, reset_peak, settings_applied, setup, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -198,11 +198,21 @@ def forced_agreement(model, prompts: list[list[int]], tokens: list[list[int]]) -
 
 def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list, save) -> None:
     """--workload adl: rows for greedy and beam3 at batch 1 and the whole job, for one implementation, appended to
-    rows; save() after each."""
-    from qlora_core.generate import length_batches
+    rows; save() after each. Ours runs them once more for each --ab variant, on the same model."""
+    from qlora_core.generate import release_decode_state
     log(f"{impl}: loading")
     with cuda_timer(device) as load_t:
         model, gen = load(impl, model_dir, device, args)
+    for variant in [""] + (args.ab if impl == "ours" else []):
+        release_decode_state(model)  # steps captured under other settings
+        with settings_applied([v for v in variant.split(",") if v]):
+            adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant)
+    release_decode_state(model)
+    del model, gen
+
+
+def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: float, variant: str) -> None:
+    from qlora_core.generate import length_batches
     hf = impl == "hf"
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
     alone = [[single[i] for i in b] for b in length_batches(single, 1)]  # infer.py's order: the longest first
@@ -232,12 +242,12 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
             gen(batches[0], beams)
         n_prompts = sum(len(b) for b in work)
         total = len(single) if mode != "job" else len(job)
-        rows.append({"impl": impl, "mode": mode, "batch": batch, "num_beams": beams,
+        rows.append({"impl": impl, "variant": variant, "mode": mode, "batch": batch, "num_beams": beams,
                      "new_tokens_per_s": n_prompts * args.new_tokens / t["s"], "seconds": t["s"],
                      "prompts": n_prompts, "extrapolated": n_prompts < total,
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
-                     **peak_gib(device), "cold_s": cold, "load_s": load_t["s"]})
-        log(f"{impl} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
+                     **peak_gib(device), "cold_s": cold, "load_s": load_s})
+        log(f"{impl} {variant} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
         if impl == "ours" and mode != "job":
             rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
@@ -248,10 +258,10 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
             first = work[0]
             with cuda_timer(device) as t:
                 gen(first, beams)
+            name = f"profile_{impl}{'_' + str(len([r for r in rows if r['impl'] == impl])) if variant else ''}"
             rows[-1].update(gpu_busy(lambda: gen(first, beams), t["s"], device,
-                                     table=f"{args.profile}/profile_{impl}_{mode}.txt"))
+                                     table=f"{args.profile}/{name}_{mode}.txt"))
         save()
-    del model, gen
 
 
 def adl_workload(args, impls, cfg, model_dir):
@@ -273,7 +283,12 @@ def adl_workload(args, impls, cfg, model_dir):
             save()
         free_memory(args.device)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
-    report(args, rows, ["impl", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
+    for r in rows:  # a variant against ours as it is, in the same process
+        base = next((o for o in rows if o["impl"] == "ours" and not o.get("variant") and o.get("mode") == r.get("mode")
+                     and "new_tokens_per_s" in o), None)
+        if r.get("variant") and base and "new_tokens_per_s" in r:
+            r["variant/base"] = r["new_tokens_per_s"] / base["new_tokens_per_s"]
+    report(args, rows, ["impl", "variant", "variant/base", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts", "extrapolated",
                         "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "gpu_busy", "cold_s", "load_s",
                         "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir, "decode",
            prompt_lengths=[len(p) for p in prompts])
@@ -301,6 +316,9 @@ def main():
                     "(default: %(default)s)")
     ap.add_argument("--model", metavar="DIR", help="a checkpoint directory of real weights (e.g. written by python "
                     "-m qlora_core.convert X.gguf DIR) instead of random ones at --preset's shape")
+    ap.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE[,...]",
+                    help="adl: after ours' rows, ours again with these constants set (a variant; repeatable), on the "
+                    "same model in the same process: rows with `variant` and `variant/base`")
     ap.add_argument("--lora-b-std", type=float, default=0.0,
                     help="ours: LoRA's B drawn normal(0, this) instead of zero, so the adapter changes the outputs")
     args = ap.parse_args()

@@ -68,10 +68,12 @@ def base_parser(description: str, impls: tuple) -> argparse.ArgumentParser:
     return ap
 
 
-def apply_settings(settings: list[str]) -> None:
-    """--set's MODULE.NAME=VALUE: the module's existing constant NAME set to VALUE (a Python literal)."""
+def apply_settings(settings: list[str]) -> list:
+    """--set's MODULE.NAME=VALUE: the module's existing constant NAME set to VALUE (a Python literal). Returns what
+    restores them: [(module, name, old value)], last set first."""
     import ast
     import importlib
+    undo = []
     for item in settings:
         target, sep, value = item.partition("=")
         module_name, _, name = target.rpartition(".")
@@ -83,8 +85,21 @@ def apply_settings(settings: list[str]) -> None:
             raise SystemExit(f"--set {item!r}: {e}") from None
         if not hasattr(module, name):
             raise SystemExit(f"--set {item!r}: {module_name} has no {name}")
+        undo.insert(0, (module, name, getattr(module, name)))
         setattr(module, name, ast.literal_eval(value))
         log(f"set {target} = {getattr(module, name)!r}")
+    return undo
+
+
+@contextmanager
+def settings_applied(settings: list[str]):
+    """apply_settings within the block, the old values back after it."""
+    undo = apply_settings(settings)
+    try:
+        yield
+    finally:
+        for module, name, value in undo:
+            setattr(module, name, value)
 
 
 def setup(args, impls: tuple, ours_needs_checkpoint: bool = True):

@@ -81,16 +81,20 @@ def test_scale_rows_keep_their_preset(tmp_path):
 
 
 def test_set_changes_an_existing_module_constant_and_refuses_anything_else(monkeypatch):
+    """--set and --ab's settings: existing constants only, and --ab's put back after each variant."""
     import pytest
 
     import qlora_core.generate as gen
-    from common import apply_settings
+    from common import apply_settings, settings_applied
     monkeypatch.setattr(gen, "CACHE_BUCKET", gen.CACHE_BUCKET)  # restored after the test
     apply_settings(["qlora_core.generate.CACHE_BUCKET=64"])
     assert gen.CACHE_BUCKET == 64
     for bad in ["qlora_core.generate.NO_SUCH=1", "qlora_core.no_such.X=1", "CACHE_BUCKET=1", "qlora_core.generate.X"]:
         with pytest.raises(SystemExit):
             apply_settings([bad])
+    with settings_applied(["qlora_core.generate.CACHE_BUCKET=8", "qlora_core.generate.CACHE_BUCKET=4"]):
+        assert gen.CACHE_BUCKET == 4
+    assert gen.CACHE_BUCKET == 64  # --ab's variants each start from the settings as they were
 
 
 def test_bench_generate_runs_a_real_checkpoint_directory(tmp_path):
