@@ -203,11 +203,11 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
     log(f"{impl}: loading")
     with cuda_timer(device) as load_t:
         model, gen = load(impl, model_dir, device, args)
-    for variant in [""] + (args.ab if impl == "ours" else []):
-        release_decode_state(model)  # steps captured under other settings
+    for i, variant in enumerate([""] + (args.ab if impl == "ours" else [])):
+        if i:
+            release_decode_state(model)  # the steps captured under other settings
         with settings_applied([v for v in variant.split(",") if v]):
             adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant)
-    release_decode_state(model)
     del model, gen
 
 

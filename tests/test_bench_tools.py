@@ -56,7 +56,7 @@ def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
 
     monkeypatch.setattr(bench_generate, "load", fake_load)
     job = [[1] * n for n in range(10, 74)]  # 64 prompts, the longest 73 tokens
-    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None)
+    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab=[])
     for impl in ("ours", "hf"):
         rows = []
         bench_generate.adl_impl(impl, None, "cpu", args, [], job, rows, lambda: None)
