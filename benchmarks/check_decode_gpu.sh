@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# The decoding GPU checks in one call: the CUDA tests (tests/test_cuda.py, whole), the NF4 kernels' microbenchmark,
-# and the ADL decoding benchmark (ours vs transformers + peft + bitsandbytes) at Llama-2-7B's shape with random
-# weights.
+# The decoding GPU checks in one call, by stage:
+#   tests  the CUDA tests (tests/test_cuda.py, whole)                                       -> $OUT/pytest.txt
+#   nf4    the NF4 kernels' microbenchmark at their default configurations                  -> $OUT/nf4_matmul.json
+#   sweep  the same with every configuration (nf4_matmul's tiles, nf4_mma's tiles a warp x K splits), 1-24 rows
+#                                                                                           -> $OUT/nf4_sweep.json
+#   adl    the ADL decoding benchmark, ours vs transformers + peft + bitsandbytes           -> $OUT/decode.json
+#   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each switch not yet
+#          measured (AB_VARIANTS), on one model in one process                              -> $OUT/decode_ab.json
+#   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
+#          AB_VARIANTS; the GGUF is $GGUF, or /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's,
+#          see ../shared/README.md)                                                         -> $OUT/decode_real.json
+# at Llama-2-7B's shape with random weights (but real).
 #
-#   OUT=/some/dir bash benchmarks/check_decode_gpu.sh [tests] [nf4] [adl]   # tests and nf4 when none is named
+#   OUT=/some/dir bash benchmarks/check_decode_gpu.sh [tests] [nf4] [sweep] [adl] [ab] [real]   # tests nf4 if none
 #
-# Writes $OUT/pytest.txt, $OUT/nf4_matmul.json, $OUT/decode.json and the whole output in $OUT/log.txt.
-# Needs the ADL prompt lengths: $LENGTHS, or .bench/train_llama2_lengths.json (carry .bench), or
-# ../shared/data/adl-hw3/train_llama2_lengths.json. Installs .whl/*.whl first if .whl/ exists (carry .whl).
-# Settings: LAYERS (32), PRESET (llama-2-7b), WORKDIR (/tmp/qlora_bench), PYTHON (python3), ADL_ARGS (more flags for
-# bench_generate.py, e.g. "--hf-job-prompts 16"). Stages have time limits (tests 240 s, nf4 120 s, adl what is left
-# of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
+# The whole output goes to $OUT/log.txt. Needs the ADL prompt lengths: $LENGTHS, or .bench/train_llama2_lengths.json
+# (carry .bench), or ../shared/data/adl-hw3/train_llama2_lengths.json. Installs .whl/*.whl first if .whl/ exists
+# (carry .whl; real needs the gguf wheel there: ../shared/tools/device-wheels.sh gguf==0.19.0). Settings: LAYERS (32),
+# PRESET (llama-2-7b), WORKDIR (/tmp/qlora_bench), PYTHON (python3), ADL_ARGS (more flags for bench_generate.py in adl,
+# ab and real, e.g. "--hf-job-prompts 16"). Stages have time limits (tests 330 s, nf4 120 s, sweep 300 s, real 210 s;
+# adl and ab what is left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
 BUDGET=${BUDGET:-580}
+JOB_PROMPTS=${JOB_PROMPTS:-120}
+K=qlora_core.kernels
+AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $K.fused_projections.NORM_WITH_LORA_A=True
+$K.decode_attention.DECODE_ATTENTION=True $K.PDL=True
+$K.fused_projections.NORM_WITH_LORA_A=True,$K.decode_attention.DECODE_ATTENTION=True,$K.PDL=True"}
+ab_flags=()
+for v in $AB_VARIANTS; do ab_flags+=(--ab "$v"); done
 . "$(dirname "$0")/gpu_setup.sh"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests nf4)
@@ -31,20 +47,34 @@ for stage in "${stages[@]}"; do
   SECONDS=0
   case $stage in
     tests)
-      timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" \
+      timeout 330 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" \
         | tail -15 | tee -a "$OUT/log.txt"
       summary=$(tail -1 "$OUT/pytest.txt")  # pytest's last line: "N passed, ..." or "N failed, M passed, ..."
       [[ $summary == *passed* && $summary != *failed* && $summary != *error* ]] || status=1 ;;
     nf4)
       timeout 120 "$PYTHON" benchmarks/bench_nf4_matmul.py --rows 1,2,3,8,24 --out "$OUT/nf4_matmul.json" 2>&1 \
         | grep -E "per token|failed|Error" | tee -a "$OUT/log.txt" || status=1 ;;
-    adl)
+    sweep)
+      timeout 300 "$PYTHON" benchmarks/bench_nf4_matmul.py --rows 1,2,3,8,24 --sweep --out "$OUT/nf4_sweep.json" 2>&1 \
+        | grep -E "per token|failed|Error" | tee -a "$OUT/log.txt" || status=1 ;;
+    adl|ab)
       [ -n "$LENGTHS" ] || { echo "no ADL lengths file (set LENGTHS or carry .bench)" | tee -a "$OUT/log.txt"; status=1; continue; }
       left=$((BUDGET - ($(date +%s) - start)))
+      flags=(--out "$OUT/decode.json")
+      [ "$stage" = ab ] && flags=(--impls ours --job-prompts "$JOB_PROMPTS" "${ab_flags[@]}" --out "$OUT/decode_ab.json")
       timeout "$left" "$PYTHON" -u benchmarks/bench_generate.py --workload adl --preset "$PRESET" --layers "$LAYERS" \
-        --workdir "$WORKDIR" --lengths "$LENGTHS" --out "$OUT/decode.json" ${ADL_ARGS:-} 2>&1 \
-        | tee -a "$OUT/log.txt" || status=1 ;;
-    *) echo "unknown stage $stage (tests, nf4, adl)"; exit 2 ;;
+        --workdir "$WORKDIR" --lengths "$LENGTHS" "${flags[@]}" ${ADL_ARGS:-} 2>&1 \
+        | grep -v "tokens/s over\|^\[bench\] ours.*positions\|picks:" | tee -a "$OUT/log.txt" || status=1 ;;
+    real)
+      gguf=${GGUF:-/tmp/smollm2.gguf}
+      [ -f "$gguf" ] || cat /root/parts/part.aa .big/part.ab > "$gguf" 2>/dev/null \
+        || { echo "no SmolLM2 GGUF (set GGUF, or carry its two parts)" | tee -a "$OUT/log.txt"; status=1; continue; }
+      timeout 60 "$PYTHON" -m qlora_core.convert "$gguf" /tmp/smollm2 2>&1 | tail -1 | tee -a "$OUT/log.txt" \
+        && timeout 150 "$PYTHON" -u benchmarks/bench_generate.py --workload adl --model /tmp/smollm2 --impls ours \
+          --lora-b-std 0.02 --modes greedy,beam3 --single-prompts 16 --lengths "$LENGTHS" "${ab_flags[@]}" \
+          --out "$OUT/decode_real.json" ${ADL_ARGS:-} 2>&1 | grep -E "Error|error|^\| ours" | tee -a "$OUT/log.txt" \
+        || status=1 ;;
+    *) echo "unknown stage $stage (tests, nf4, sweep, adl, ab, real)"; exit 2 ;;
   esac
   echo "$stage took $SECONDS s (status so far $status)" | tee -a "$OUT/log.txt"
 done
