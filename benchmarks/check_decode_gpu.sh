@@ -8,7 +8,7 @@
 #   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each switch not yet
 #          measured (AB_VARIANTS), on one model in one process                              -> $OUT/decode_ab.json
 #   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
-#          AB_VARIANTS; the GGUF is $GGUF, or /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's,
+#          REAL_VARIANTS (default: AB_VARIANTS' last, every switch at once); the GGUF is $GGUF, or /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's,
 #          see ../shared/README.md)                                                         -> $OUT/decode_real.json
 # at Llama-2-7B's shape with random weights (but real).
 #
@@ -26,8 +26,10 @@ K=qlora_core.kernels
 AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $K.fused_projections.NORM_WITH_LORA_A=True
 $K.decode_attention.DECODE_ATTENTION=True $K.PDL=True
 $K.fused_projections.NORM_WITH_LORA_A=True,$K.decode_attention.DECODE_ATTENTION=True,$K.PDL=True"}
-ab_flags=()
+REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last: every switch at once
+ab_flags=() real_flags=()
 for v in $AB_VARIANTS; do ab_flags+=(--ab "$v"); done
+for v in $REAL_VARIANTS; do real_flags+=(--ab "$v"); done
 . "$(dirname "$0")/gpu_setup.sh"
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests nf4)
@@ -71,7 +73,7 @@ for stage in "${stages[@]}"; do
         || { echo "no SmolLM2 GGUF (set GGUF, or carry its two parts)" | tee -a "$OUT/log.txt"; status=1; continue; }
       timeout 60 "$PYTHON" -m qlora_core.convert "$gguf" /tmp/smollm2 2>&1 | tail -1 | tee -a "$OUT/log.txt" \
         && timeout 150 "$PYTHON" -u benchmarks/bench_generate.py --workload adl --model /tmp/smollm2 --impls ours \
-          --lora-b-std 0.02 --modes greedy,beam3 --single-prompts 16 --lengths "$LENGTHS" "${ab_flags[@]}" \
+          --lora-b-std 0.02 --modes greedy,beam3 --single-prompts 8 --lengths "$LENGTHS" "${real_flags[@]}" \
           --out "$OUT/decode_real.json" ${ADL_ARGS:-} 2>&1 | grep -E "Error|error|^\| ours" | tee -a "$OUT/log.txt" \
         || status=1 ;;
     *) echo "unknown stage $stage (tests, nf4, sweep, adl, ab, real)"; exit 2 ;;
