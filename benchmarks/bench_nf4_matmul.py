@@ -6,7 +6,7 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each (weight tiles a
-  warp, K split) in MMA_SWEEP);
+  warp, warps, K split) in MMA_SWEEP);
 - `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
   and by F.linear (cuBLAS), which decoding ran before (their GB/s column counts the NF4 weights: ignore it).
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
@@ -30,9 +30,9 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 SWEEP = [(4, 4, 4), (2, 4, 4), (1, 4, 4), (4, 2, 4), (2, 2, 4), (2, 4, 8), (4, 4, 2), (1, 2, 4)]
 """(R weight rows, T words a thread, warps) tried by --sweep."""
-MMA_SWEEP = [(mt, split) for mt in (1, 2, 4) for split in (None, 2, 4, 8, 16)]
-"""(16-row weight tiles a warp, parts of K) the tensor-core kernel (`mma`) is tried with by --sweep (None: its own
-choice)."""
+MMA_SWEEP = [(mt, warps, split) for mt in (1, 2, 4) for warps in (4, 8) for split in (None, 4)]
+"""(16-row weight tiles a warp, warps, parts of K) the tensor-core kernel (`mma`) is tried with by --sweep (split
+None: its own choice)."""
 
 
 def projection_shapes(cfg) -> dict:
@@ -131,7 +131,7 @@ def main():
                 if nf4_mma.supports(x, members):
                     configs = [None] + (MMA_SWEEP if args.sweep else [])
                     impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(
-                        x, sets[i], h, bs, ranks, **dict(zip(("mt", "split"), c or ()))))
+                        x, sets[i], h, bs, ranks, **dict(zip(("mt", "warps", "split"), c or ()))))
                               for c in configs]
                 for impl, config, fn in impls:
                     try:

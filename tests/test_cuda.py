@@ -462,14 +462,18 @@ def test_fused_elementwise_kernels_replay_in_a_cuda_graph():
         assert torch.equal(replayed, eager)
 
 
-def nf4_group(shapes, ranks, seed=0):
-    """4-bit layers of the given [out, in] shapes, their LoRA B (None where the rank is 0), on the GPU."""
+def nf4_group(shapes, ranks, rows):
+    """(4-bit layers of the given [out, in] shapes, their LoRA B (None where the rank is 0), x [rows, in], h [rows,
+    sum of ranks]), seeded, on the GPU, in bf16: the NF4 kernels' inputs."""
     from qlora_core.quant import nf4_linear
-    gen = torch.Generator("cuda").manual_seed(seed)
+    gen = torch.Generator("cuda").manual_seed(0)
     layers = [nf4_linear(torch.randn(*s, generator=gen, device="cuda") * 0.05, None, torch.bfloat16) for s in shapes]
     bs = [torch.randn(s[0], r, generator=gen, device="cuda").to(torch.bfloat16) if r else None
           for s, r in zip(shapes, ranks)]
-    return layers, bs
+    gen = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
+    h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
+    return layers, bs, x, h
 
 
 def nf4_group_reference(x, layers, h, bs, ranks):
@@ -500,10 +504,7 @@ def nf4_group_reference(x, layers, h, bs, ranks):
 @pytest.mark.parametrize("split", [None, 1, 3])
 def test_nf4_matmul_kernel_matches_bitsandbytes_dequantize_and_matmul(rows, shapes, ranks, split):
     from qlora_core.kernels import nf4_matmul as nf4
-    layers, bs = nf4_group(shapes, ranks)
-    gen = torch.Generator("cuda").manual_seed(1)
-    x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
-    h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
+    layers, bs, x, h = nf4_group(shapes, ranks, rows)
     assert nf4.supports(x, layers)
     ref = nf4_group_reference(x, layers, h, bs, ranks)
     with torch.inference_mode():
@@ -535,8 +536,10 @@ def nf4_bf16_code_reference(x, layers, h, bs, ranks):
     return torch.cat(outs, dim=-1)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 24, 32])
-@pytest.mark.parametrize("mt,split", [(None, None), (None, 1), (None, 3), (2, None), (2, 3), (4, None), (4, 3)])
+@pytest.mark.parametrize("rows,mt,warps,split", [
+    *[(rows, None, 4, split) for rows in (1, 3, 8, 9, 24, 32) for split in (None, 1, 3)],  # the defaults
+    *[(rows, mt, warps, split) for rows in (1, 9, 32)  # the sweep's tiles a warp and warps, one x tile of each size
+      for mt, warps, split in ((2, 4, None), (2, 4, 3), (4, 4, None), (4, 4, 3), (2, 8, None), (4, 8, 3))]])
 @pytest.mark.parametrize("shapes,ranks", [
     ([(96, 640), (40, 640), (40, 640)], [4, 0, 8]),  # a partial tile, a segment without LoRA, K = 10 blocks
     ([(200, 1088)], [4]),                            # K = 17 blocks: splits of unequal length
@@ -544,17 +547,14 @@ def nf4_bf16_code_reference(x, layers, h, bs, ranks):
     ([(11008, 4096), (11008, 4096)], [4, 4]),        # its gate/up
     ([(4096, 11008)], [4]),                          # its down
 ])
-def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, mt, split, shapes, ranks):
+def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, mt, warps, split, shapes, ranks):
     from qlora_core.kernels import nf4_mma
-    layers, bs = nf4_group(shapes, ranks)
-    gen = torch.Generator("cuda").manual_seed(1)
-    x = torch.randn(rows, shapes[0][1], generator=gen, device="cuda").to(torch.bfloat16)
-    h = torch.randn(rows, max(sum(ranks), 1), generator=gen, device="cuda").to(torch.bfloat16)
+    layers, bs, x, h = nf4_group(shapes, ranks, rows)
     assert nf4_mma.supports(x, layers)
     ref = nf4_bf16_code_reference(x, layers, h, bs, ranks)
     with torch.inference_mode():
         for _ in range(2):  # the second call finds the workspace and counters zero again
-            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split, mt=mt)
+            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split, mt=mt, warps=warps)
             err = (y.float() - ref).abs()
             bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
             assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())

@@ -121,14 +121,16 @@ def launch_args(x: torch.Tensor, layers, h, bs, ranks, block_n: int, weight_dtyp
 
 
 _workspaces: dict = {}
+WORKSPACE_ROWS = 32
+"""x rows the split-K workspace holds an output column: the most either kernel takes (nf4_mma.MAX_ROWS is this)."""
 
 
 def workspace(device, n_total: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(float32 [n_total, 32] partial sums, int32 [tiles] split counters), zero, kept per device and size: every
-    launch of a kernel that splits K (this one, nf4_mma) leaves them zero again. Shared by both kernels."""
+    """(float32 [n_total, WORKSPACE_ROWS] partial sums, int32 [tiles] split counters), zero, kept per device and size:
+    every launch of a kernel that splits K (this one, nf4_mma) leaves them zero again. Shared by both kernels."""
     key = (str(device), n_total, tiles)
     if key not in _workspaces:
-        _workspaces[key] = (torch.zeros((n_total, 32), dtype=torch.float32, device=device),
+        _workspaces[key] = (torch.zeros((n_total, WORKSPACE_ROWS), dtype=torch.float32, device=device),
                             torch.zeros(tiles, dtype=torch.int32, device=device))
     return _workspaces[key]
 

@@ -23,7 +23,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 import torch
 
 from . import pdl
-from .nf4_matmul import TARGET_PROGRAMS, fits, launch_args, workspace
+from .nf4_matmul import TARGET_PROGRAMS, WORKSPACE_ROWS, fits, launch_args, workspace
 
 try:
     from triton.experimental import gluon
@@ -32,7 +32,7 @@ try:
 except ImportError:  # CPU builds of torch come without Triton
     gluon = None
 
-MAX_ROWS = 32
+MAX_ROWS = WORKSPACE_ROWS
 COPIES = 8
 """Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB."""
 WARPS = 4
@@ -61,25 +61,25 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
 
 
 def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ranks=None,
-            split: int | None = None, mt: int | None = None) -> torch.Tensor:
+            split: int | None = None, mt: int | None = None, warps: int = WARPS) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
     h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
-    for TARGET_PROGRAMS programs). mt: 16-row weight tiles a warp (default MT's)."""
+    for TARGET_PROGRAMS programs). mt: 16-row weight tiles a warp (default MT's). warps: a program's."""
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
     bm = 8 if rows <= 8 else 16 if rows <= 16 else 32
     mt = mt or MT[bm]
-    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * WARPS * mt, torch.uint8)
+    x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * warps * mt, torch.uint8)
     blocks = k // 64
     if split is None:
         split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
     per_split = -(-blocks // split)
     split = -(-blocks // per_split)  # no empty splits
     ws, counters = workspace(x.device, y.shape[1], tiles)
-    lay = _layouts(bm, WARPS, mt)
+    lay = _layouts(bm, warps, mt)
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
-                            BM=bm, W=WARPS, MT=mt, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PDL=pdl(x), num_warps=WARPS,
+                            BM=bm, W=warps, MT=mt, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PDL=pdl(x), num_warps=warps,
                             launch_pdl=pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
 
