@@ -23,9 +23,10 @@
 BUDGET=${BUDGET:-580}
 JOB_PROMPTS=${JOB_PROMPTS:-120}
 K=qlora_core.kernels
-AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $K.fused_projections.NORM_WITH_LORA_A=True
+F=$K.fused_projections
+AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $F.NORM_WITH_LORA_A=True $F.SILU_WITH_LORA_A=True
 $K.decode_attention.DECODE_ATTENTION=True $K.PDL=True
-$K.fused_projections.NORM_WITH_LORA_A=True,$K.decode_attention.DECODE_ATTENTION=True,$K.PDL=True"}
+$F.NORM_WITH_LORA_A=True,$F.SILU_WITH_LORA_A=True,$K.decode_attention.DECODE_ATTENTION=True,$K.PDL=True"}
 REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last: every switch at once
 ab_flags=() real_flags=()
 for v in $AB_VARIANTS; do ab_flags+=(--ab "$v"); done

@@ -254,8 +254,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(x, self.gate_proj, self.up_proj)
-        silu_mul = fused.SiluMul if fused.runs_on(x) else SiluMul
-        return project(silu_mul.apply(gate, up), self.down_proj)[0]
+        return project(self.activation(gate, up), self.down_proj)[0]
+
+    def activation(self, gate, up):
+        """silu(gate) * up, down_proj's input (decoding's fused_projections may take it over on the instance)."""
+        silu_mul = fused.SiluMul if fused.runs_on(gate) else SiluMul
+        return silu_mul.apply(gate, up)
 
 
 class DecoderLayer(nn.Module):

@@ -184,10 +184,10 @@ def test_nf4_projection_groups_in_bf16_match_each_layers_own_forward(tmp_path, r
 
 
 @pytest.mark.parametrize("rows", [1, 3, 24])
-def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, monkeypatch, rows):
-    """NORM_WITH_LORA_A on the GPU in bf16: in a forward of one token a row, q/k/v's and gate/up's norms compute
-    their group's h too (counted), logits within rounding of the model's own forward; generate (3 beams) gives the
-    same tokens graphed as eager."""
+def test_launches_that_make_a_groups_input_and_its_h_match_each_layers_own_forward(tmp_path, monkeypatch, rows):
+    """NORM_WITH_LORA_A and SILU_WITH_LORA_A on the GPU in bf16: in a forward of one token a row, q/k/v's and
+    gate/up's norms and the MLP's activation compute their group's h too (counted), logits within rounding of the
+    model's own forward; generate (3 beams) gives the same tokens graphed as eager."""
     import qlora_core.generate as gen
     import qlora_core.kernels.fused_projections as fp
     model = small_nf4_lora_model(tmp_path, torch.bfloat16).eval()
@@ -195,13 +195,15 @@ def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, 
     with torch.inference_mode():
         plain = model(ids).float()
         monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+        monkeypatch.setattr(fp, "SILU_WITH_LORA_A", True)
         groups = fp.projection_groups(model)
         launch = fp.lora_a.lora_a
-        handed = []
-        monkeypatch.setattr(fp.lora_a, "lora_a", lambda x, a, norm=None: handed.append(norm) or launch(x, a, norm))
+        calls = []
+        monkeypatch.setattr(fp.lora_a, "lora_a", lambda x, a, norm=None, up=None: calls.append(
+            "norm" if norm is not None else "silu" if up is not None else "h") or launch(x, a, norm, up))
         with fp.fused_projections(model, groups, torch.bfloat16):
             fused = model(ids).float()
-        assert sum(n is not None for n in handed) == 2 * 2 and len(handed) == 2 * 2 * 2  # o and down: h alone
+        assert sorted(calls) == ["h"] * 2 + ["norm"] * 4 + ["silu"] * 2  # 2 layers; o computes its h alone
     assert (fused - plain).abs().max() <= 0.05 * plain.abs().max()
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.8
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9)]
@@ -212,14 +214,15 @@ def test_norms_with_their_groups_lora_a_match_each_layers_own_forward(tmp_path, 
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_programmatic_dependent_launch_changes_no_token(tmp_path, monkeypatch, beams):
-    """kernels.PDL on (with NORM_WITH_LORA_A and DECODE_ATTENTION, so every kernel of ours takes part) at 1 and 3
-    rows a prompt, graphed: the same arithmetic in the same order, so the tokens of PDL off exactly."""
+    """kernels.PDL on (with the switches that make every kernel of ours take part) at 1 and 3 rows a prompt,
+    graphed: the same arithmetic in the same order, so the tokens of PDL off exactly."""
     import qlora_core.generate as gen
     import qlora_core.kernels as kernels
     import qlora_core.kernels.decode_attention as da
     import qlora_core.kernels.fused_projections as fp
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+    monkeypatch.setattr(fp, "SILU_WITH_LORA_A", True)
     monkeypatch.setattr(da, "DECODE_ATTENTION", True)
     prompts = [torch.randint(3, 128, (n,)).tolist() for n in (5, 9, 30)]
     tokens = {}
@@ -600,9 +603,10 @@ def test_decode_attention_in_generate_matches_sdpa(tmp_path, monkeypatch, beams)
 
 
 def test_lora_a_kernel_matches_f_linear_on_cuda():
-    from test_lora_a import check_lora_a, check_norm_lora_a
+    from test_lora_a import check_lora_a, check_norm_lora_a, check_silu_lora_a
     check_lora_a("cuda")
     check_norm_lora_a("cuda")
+    check_silu_lora_a("cuda")
 
 
 def test_rope_into_cache_matches_rope_and_the_cache_update_on_cuda():

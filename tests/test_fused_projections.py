@@ -127,35 +127,44 @@ def test_the_nf4_kernel_is_checked_once_a_shape_and_dropped_where_it_is_wrong(mo
     assert list(fp.CHECKED.values()) == [kernel == "agrees"]
 
 
-def test_the_norm_and_its_groups_lora_a_from_one_launch_give_the_eager_tokens(model, monkeypatch):
-    """With NORM_WITH_LORA_A, q/k/v's and gate/up's input norms hand their h to the group (the launch faked on the
-    CPU by the norm and F.linear): generate's tokens are the eager path's, and those groups compute no h of their
-    own."""
+@pytest.mark.parametrize("switches", [("NORM_WITH_LORA_A",), ("SILU_WITH_LORA_A",),
+                                      ("NORM_WITH_LORA_A", "SILU_WITH_LORA_A")])
+def test_the_launch_that_makes_a_groups_input_can_hand_its_h_over(model, monkeypatch, switches):
+    """With NORM_WITH_LORA_A, q/k/v's and gate/up's input norms hand their h to the group; with SILU_WITH_LORA_A, the
+    MLP's activation hands down's (the launches faked on the CPU by the model's own code and F.linear): generate's
+    tokens are the eager path's, those groups compute no h of their own, and the logits are the model's."""
     import qlora_core.kernels.fused_projections as fp
     from qlora_core.generate import generate
     launches, own_h = [], []
 
-    def fake(x, a, norm=None):
-        if norm is None:
+    def fake(x, a, norm=None, up=None):
+        if norm is None and up is None:
             own_h.append(a.shape)
             return F.linear(x, a)
-        launches.append(a.shape)
-        module = torch.nn.Module()
-        module.weight, module.eps = norm
-        out = type(model.model.norm).forward(module, x)
+        launches.append("norm" if norm is not None else "silu")
+        if norm is not None:
+            module = torch.nn.Module()
+            module.weight, module.eps = norm
+            out = type(model.model.norm).forward(module, x)
+        else:
+            out = type(model.model.layers[0].mlp).activation(None, x, up)
         return out, F.linear(out, a)
 
-    monkeypatch.setattr(fp, "NORM_WITH_LORA_A", True)
+    for switch in switches:
+        monkeypatch.setattr(fp, switch, True)
     monkeypatch.setattr(fp.lora_a, "supports", lambda x, a: True)
     monkeypatch.setattr(fp.lora_a, "lora_a", fake)
     prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9)]
+    norms, silu = "NORM_WITH_LORA_A" in switches, "SILU_WITH_LORA_A" in switches
     for beams in (1, 3):
         eager = generate(model, prompts, 8, num_beams=beams, groups=False)
         launches.clear(), own_h.clear()
         assert generate(model, prompts, 8, num_beams=beams, groups=True) == eager
-        assert len(launches) == 8 * 2 * 2  # the prefill (18 rows) and 7 decode steps, 2 layers, 2 norms each
-        assert len(own_h) == 8 * 2 * 2  # o and down compute theirs
-    assert all("forward" not in vars(layer.input_layernorm) for layer in model.model.layers)  # restored
+        forwards = 8 * 2  # the prefill (18 rows) and 7 decode steps, 2 layers
+        assert launches.count("norm") == 2 * forwards * norms and launches.count("silu") == forwards * silu
+        assert len(own_h) == forwards * (4 - 2 * norms - silu)  # the groups whose input no launch of ours made
+    assert all("forward" not in vars(layer.input_layernorm) and "activation" not in vars(layer.mlp)
+               for layer in model.model.layers)  # restored
     ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(2))
     logits = []
     for groups in ([], projection_groups(model)):  # as test_decoding_logits_through_the_groups_equal_the_model_alone

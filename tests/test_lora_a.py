@@ -52,9 +52,30 @@ def check_norm_lora_a(device: str = "cpu"):
     print("norm + lora_a ok")
 
 
+def check_silu_lora_a(device: str = "cpu"):
+    """lora_a with SiLU(gate) * up before it: the product equals model.py's SiluMul (within one rounding), h equals
+    it @ A^T; gate and up as the column halves of one output (strided rows), as the gate/up group hands them over."""
+    from qlora_core.kernels import lora_a
+    from qlora_core.model import SiluMul
+    gen = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows, r, k in [(1, 4, 11008), (3, 4, 1536), (24, 8, 640)]:
+            gate, up = (torch.randn(rows, 1, 2 * k, generator=gen) * 2).to(device, dtype).split(k, dim=-1)
+            a = (torch.randn(r, k, generator=gen) / k ** 0.5).to(device, dtype)
+            ref_made = SiluMul.apply(gate.float(), up.float()).to(dtype)
+            for _ in range(2):
+                made, h = lora_a.lora_a(gate, a, up=up)
+                assert_matches(made, ref_made, f"silu * up {dtype} {rows}x{k}")
+                ref = F.linear(made.double(), a.double()).to(dtype)
+                slack = k * 2.0 ** -24 * F.linear(made.double().abs(), a.double().abs()).float()
+                assert_matches(h, ref, f"silu + lora_a {dtype} {rows}x{k} @ {r}", slack=slack)
+    print("silu + lora_a ok")
+
+
 if __name__ == "__main__":
     assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
     patch_interpreter()
     check_lora_a()
     check_norm_lora_a()
+    check_silu_lora_a()
     print("all interpreted checks passed")

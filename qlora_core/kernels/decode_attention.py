@@ -13,7 +13,8 @@ and prompt width or None; returns softmax(q k^T / sqrt(head_dim) + bias) v as [r
 takes one row, one kv head (its heads // kv_heads query heads) and one of SPLITS parts of the slots, keeps the
 online softmax in float32 and adds its partial (max, sum, weighted values) into a zeroed workspace; the program that
 finishes a (row, head) last combines the parts, stores the output and leaves the workspace and its counter zero
-for the next call (so a CUDA graph can replay it), as lora_a does. Only where DECODE_ATTENTION and `supports`: elsewhere SDPA runs.
+for the next call (so a CUDA graph can replay it), as lora_a does. Only where DECODE_ATTENTION and `supports`:
+elsewhere SDPA runs.
 """
 import torch
 
@@ -31,7 +32,8 @@ benchmark's --set qlora_core.kernels.decode_attention.DECODE_ATTENTION=True."""
 TILE = 4096
 """Elements of a [query heads, slots, head_dim] product a program holds at a time."""
 WARPS = 8
-"""At Llama-2-7B's heads (one query head a kv head, 128 wide) 4 warps took 255 registers (sm_90, offline), 8 take 161."""
+"""At Llama-2-7B's heads (one query head a kv head, 128 wide) 4 warps took 255 registers (sm_90, offline compile),
+8 take 161."""
 TARGET_PROGRAMS = 264
 """About 2 programs an H200 SM: the slots are split until rows x kv heads x splits reach this."""
 _workspaces: dict = {}

@@ -11,7 +11,8 @@ cuBLAS' 0.52, and 0.40 against 0.82 at 2 to 24 rows.
 
 With `norm` the kernel also computes the RMSNorm before the group (q/k/v, gate/up) in the same launch: each program
 sums the squares of its rows whole, normalises its own columns as kernels/norm_rope_silu.py's RMSNorm does (rounded
-where it rounds), writes them and multiplies them by A; fused_projections hands the normed rows and h over together.
+where it rounds), writes them and multiplies them by A. With `up` it computes down's input, SiLU(gate) * up, as
+norm_rope_silu's SiluMul does, column by column. fused_projections hands that input and h over together.
 """
 import torch
 
@@ -28,6 +29,8 @@ MAX_RANK = 64
 BLOCK_K = 64
 BLOCKS_PER_PROGRAM = 4
 """K blocks of BLOCK_K one program sums: 16 programs at K 4,096, 43 at 11,008."""
+NORM, SILU = 1, 2
+"""The kernel's prologues: the RMSNorm of x; SiLU(x) * up."""
 NORM_TILE = 8192
 """Elements of x the norm's sum of squares loads at a time: [BM rows, NORM_TILE / BM columns]."""
 _workspaces: dict = {}
@@ -49,43 +52,46 @@ def workspace(device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[key]
 
 
-def lora_a(x: torch.Tensor, a: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None):
+def lora_a(x: torch.Tensor, a: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
+           up: torch.Tensor | None = None):
     """x [..., in] @ a^T, a [R, in]: [..., R] in x's dtype, accumulated in float32. Only where supports(x, a).
 
     norm (the RMSNorm's weight, of x's dtype, and eps): (RMSNorm(x), RMSNorm(x) @ a^T) instead, from one launch.
+    up (of x's shape and dtype): (SiLU(x) * up, (SiLU(x) * up) @ a^T) instead, from one launch.
     """
     k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2, u2 = (t.reshape(-1, k) if t is not None else None for t in (x, up))
+    x2, u2 = (t.contiguous() if t is not None and t.stride(-1) != 1 else t for t in (x2, u2))
     rows, r = x2.shape[0], a.shape[0]
     h = torch.empty((rows, r), dtype=x.dtype, device=x.device)
-    normed = torch.empty((rows, k), dtype=x.dtype, device=x.device) if norm is not None else h
+    prologue = NORM if norm is not None else SILU if up is not None else 0
+    made = torch.empty((rows, k), dtype=x.dtype, device=x.device) if prologue else h
     weight, eps = norm if norm is not None else (x2, 0.0)
+    u2 = u2 if u2 is not None else x2
     ws, counter = workspace(x.device)
     splits = triton.cdiv(k, BLOCK_K * BLOCKS_PER_PROGRAM)
     bm = max(16, triton.next_power_of_2(rows))
-    _lora_a_kernel[(splits,)](x2, a, h, ws, counter, weight, normed, rows, r, k, x2.stride(0), splits, eps,
-                              BM=bm, BR=max(16, triton.next_power_of_2(r)), BK=BLOCK_K, BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK,
-                              IEEE=x.dtype == torch.float32, NORM=norm is not None, NORM_BLOCK=NORM_TILE // bm,
-                              PDL=pdl(x), launch_pdl=pdl(x))
+    _lora_a_kernel[(splits,)](x2, a, h, ws, counter, weight, u2, made, rows, r, k, x2.stride(0), u2.stride(0),
+                              splits, eps, BM=bm, BR=max(16, triton.next_power_of_2(r)), BK=BLOCK_K,
+                              BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK, IEEE=x.dtype == torch.float32,
+                              PROLOGUE=prologue, NORM_BLOCK=NORM_TILE // bm, PDL=pdl(x), launch_pdl=pdl(x))
     h = h.view(*x.shape[:-1], r)
-    return h if norm is None else (normed.view(x.shape), h)
+    return (made.view(x.shape), h) if prologue else h
 
 
 if triton is not None:
     from . import grid_dependency
 
     @triton.jit
-    def _lora_a_kernel(x_ptr, a_ptr, h_ptr, ws_ptr, cnt_ptr, w_ptr, normed_ptr, rows, r, k, stride_x, splits, eps,
-                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BLOCKS: tl.constexpr,
-                       WS_COLS: tl.constexpr, IEEE: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    def _lora_a_kernel(x_ptr, a_ptr, h_ptr, ws_ptr, cnt_ptr, w_ptr, u_ptr, made_ptr, rows, r, k, stride_x, stride_u,
+                       splits, eps, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BLOCKS: tl.constexpr,
+                       WS_COLS: tl.constexpr, IEEE: tl.constexpr, PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
         grid_dependency(PDL)
         part = tl.program_id(0)
         m = tl.arange(0, BM)
         n = tl.arange(0, BR)
-        if NORM:  # 1 / rms of each row, over all its columns (every program alike)
+        if PROLOGUE == 1:  # the norm's 1 / rms of each row, over all its columns (every program alike)
             squares = tl.zeros((BM,), dtype=tl.float32)
             for c0 in range(0, k, NORM_BLOCK):
                 c = c0 + tl.arange(0, NORM_BLOCK)
@@ -98,11 +104,17 @@ if triton is not None:
             kk = (part * BLOCKS + b) * BK + tl.arange(0, BK)
             inside_x = (m[:, None] < rows) & (kk[None, :] < k)
             xs = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :], mask=inside_x, other=0.0)
-            if NORM:  # as norm_rope_silu's RMSNorm: x / rms rounded to x's dtype, times the weight, rounded again
+            if PROLOGUE == 1:  # as norm_rope_silu's RMSNorm: x / rms rounded to x's dtype, times the weight, rounded
                 scaled = (xs.to(tl.float32) * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
                 wv = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
                 xs = (wv[None, :] * scaled).to(x_ptr.dtype.element_ty)
-                tl.store(normed_ptr + m[:, None] * k + kk[None, :], xs, mask=inside_x)
+                tl.store(made_ptr + m[:, None] * k + kk[None, :], xs, mask=inside_x)
+            if PROLOGUE == 2:  # as norm_rope_silu's SiluMul: SiLU(gate) rounded to its dtype, times up, rounded
+                g = xs.to(tl.float32)
+                us = tl.load(u_ptr + m[:, None] * stride_u + kk[None, :], mask=inside_x, other=0.0).to(tl.float32)
+                silu = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
+                xs = (silu * us).to(x_ptr.dtype.element_ty)
+                tl.store(made_ptr + m[:, None] * k + kk[None, :], xs, mask=inside_x)
             at = tl.load(a_ptr + n[None, :] * k + kk[:, None], mask=(n[None, :] < r) & (kk[:, None] < k), other=0.0)
             acc = tl.dot(xs, at, acc, input_precision="ieee" if IEEE else None)
         out = m[:, None] * WS_COLS + n[None, :]
