@@ -14,7 +14,10 @@ the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups.
 while `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first
 member of a group called with an input computes the whole group and keeps the other members' outputs for their
 calls with the same input tensor. Calls with many rows or with gradients run the layer's own forward. `generate`
-uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
+uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU. Where NORM_WITH_LORA_A or
+SILU_WITH_LORA_A (off until measured), the launch that makes a group's input (q/k/v's and gate/up's RMSNorm, the
+MLP's activation for down) computes its h too (lora_a's prologues) and hands both over: the norm's `forward` and the
+MLP's `activation` are replaced on the instance as the projections' are.
 """
 from contextlib import contextmanager
 
