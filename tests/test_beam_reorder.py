@@ -1,12 +1,11 @@
 """qlora_core.kernels.beam_reorder against PyTorch's gather, on the CPU through Triton's interpreter (in a
 subprocess, as tests/test_fused_elementwise.py runs its kernels): `TRITON_INTERPRET=1 python
 tests/test_beam_reorder.py` runs the checks directly. tests/test_cuda.py runs the kernel inside beam search."""
-import os
 
 import pytest
 import torch
 
-from test_fused_elementwise import run_interpreted
+from test_fused_elementwise import run_checks, run_interpreted
 
 
 def test_kernel_in_triton_interpreter():
@@ -69,7 +68,4 @@ def check_beam_search_through_the_kernel():
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    check_reorder()
-    check_beam_search_through_the_kernel()
-    print("all interpreted checks passed")
+    run_checks(check_reorder, check_beam_search_through_the_kernel)

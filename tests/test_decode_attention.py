@@ -1,12 +1,11 @@
 """qlora_core.kernels.decode_attention against SDPA in float64, on the CPU through Triton's interpreter (in a
 subprocess, as tests/test_fused_elementwise.py runs its kernels): `TRITON_INTERPRET=1 python
 tests/test_decode_attention.py` runs the checks directly. tests/test_cuda.py runs them on the GPU."""
-import os
 
 import torch
 import torch.nn.functional as F
 
-from test_fused_elementwise import assert_matches, patch_interpreter, run_interpreted
+from test_fused_elementwise import assert_matches, run_checks, run_interpreted
 
 
 def test_kernel_in_triton_interpreter():
@@ -56,7 +55,4 @@ def check_decode_attention(device: str = "cpu"):
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    patch_interpreter()
-    check_decode_attention()
-    print("all interpreted checks passed")
+    run_checks(check_decode_attention)

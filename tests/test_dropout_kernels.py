@@ -5,7 +5,6 @@ The kernels run on the CPU through Triton's interpreter (TRITON_INTERPRET=1, rea
 checks run in a subprocess: `TRITON_INTERPRET=1 python tests/test_dropout_kernels.py` runs them directly. Skipped
 where triton is not installed (CI); tests/test_cuda.py runs them on the GPU.
 """
-import os
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the other tests' hel
 
 from qlora_core import lora  # noqa: E402
 from qlora_core.kernels import dropout  # noqa: E402
-from test_fused_elementwise import patch_interpreter, run_interpreted  # noqa: E402
+from test_fused_elementwise import run_checks, run_interpreted  # noqa: E402
 
 SHAPES = [(150, 200, 3, 4), (64, 1100, 1, 8), (37, 70, 2, 4)]
 """rows, in, adapters, rank: rows and columns that fill no whole tile, ones that do, and columns over three splits."""
@@ -125,9 +124,4 @@ def check_projection_takes_the_kernels():
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    patch_interpreter()
-    check_masks()
-    check_down_and_backward()
-    check_projection_takes_the_kernels()
-    print("all interpreted checks passed")
+    run_checks(check_masks, check_down_and_backward, check_projection_takes_the_kernels)

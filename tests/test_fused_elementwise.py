@@ -41,6 +41,16 @@ def run_interpreted(script: str) -> None:
     assert "all interpreted checks passed" in result.stdout
 
 
+def run_checks(*checks) -> None:
+    """A test file run as a script under Triton's interpreter (what run_interpreted starts): its checks, then the
+    closing line that run_interpreted requires."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    patch_interpreter()
+    for check in checks:
+        check()
+    print("all interpreted checks passed")
+
+
 def assert_matches(got: torch.Tensor, ref: torch.Tensor, what: str, tol: float | None = None,
                    slack: torch.Tensor | float = 0.0) -> None:
     """got equals ref in ref's dtype up to tol (default TOLERANCE), relative to each element and to the largest, plus
@@ -261,12 +271,5 @@ def patch_interpreter():
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    patch_interpreter()
-    check_rms_norm()
-    check_silu_mul()
-    check_rope()
-    check_rope_into_cache()
-    check_model_takes_the_kernels()
-    check_model_decodes_through_rope_into_cache()
-    print("all interpreted checks passed")
+    run_checks(check_rms_norm, check_silu_mul, check_rope, check_rope_into_cache, check_model_takes_the_kernels,
+               check_model_decodes_through_rope_into_cache)

@@ -1,12 +1,11 @@
 """qlora_core.kernels.lora_a against F.linear, on the CPU through Triton's interpreter (in a subprocess, as
 tests/test_fused_elementwise.py runs its kernels): `TRITON_INTERPRET=1 python tests/test_lora_a.py` runs the checks
 directly. tests/test_cuda.py runs them on the GPU."""
-import os
 
 import torch
 import torch.nn.functional as F
 
-from test_fused_elementwise import assert_matches, patch_interpreter, run_interpreted
+from test_fused_elementwise import assert_matches, run_checks, run_interpreted
 
 
 def test_kernel_in_triton_interpreter():
@@ -73,9 +72,4 @@ def check_silu_lora_a(device: str = "cpu"):
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
-    patch_interpreter()
-    check_lora_a()
-    check_norm_lora_a()
-    check_silu_lora_a()
-    print("all interpreted checks passed")
+    run_checks(check_lora_a, check_norm_lora_a, check_silu_lora_a)
