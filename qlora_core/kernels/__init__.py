@@ -6,9 +6,12 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU builds of torch come without Triton
     triton = None
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # no Triton, or one older than grid dependency control (3.4): PDL stays off
+    gdc_wait = None
 
 PDL = False
 """Whether the decode path's kernels of our own (nf4_matmul, nf4_mma, lora_a, the RMSNorm and SiLU-mul forwards,
@@ -24,9 +27,9 @@ def runs_on(x) -> bool:
 
 
 def pdl(x: torch.Tensor) -> bool:
-    """Whether a kernel over x launches with programmatic dependent launch: PDL, on a CUDA device of compute
-    capability 9 or more (griddepcontrol is an sm_90 instruction)."""
-    return PDL and x.is_cuda and _capability(x.device.index or 0) >= 9
+    """Whether a kernel over x launches with programmatic dependent launch: PDL, a Triton that has it, and a CUDA
+    device of compute capability 9 or more (griddepcontrol is an sm_90 instruction)."""
+    return PDL and gdc_wait is not None and x.is_cuda and _capability(x.device.index or 0) >= 9
 
 
 @functools.cache
