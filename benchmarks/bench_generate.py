@@ -207,11 +207,14 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
         if i:
             release_decode_state(model)  # the steps captured under other settings
         with settings_applied([v for v in variant.split(",") if v]):
-            adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant)
+            adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant,
+                      f"{impl}_variant{i}" if i else impl)
     del model, gen
 
 
-def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: float, variant: str) -> None:
+def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: float, variant: str,
+              name: str) -> None:
+    """adl_impl's rows of one variant (name: for the profile's files)."""
     from qlora_core.generate import length_batches
     hf = impl == "hf"
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
@@ -258,9 +261,8 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
             first = work[0]
             with cuda_timer(device) as t:
                 gen(first, beams)
-            name = f"profile_{impl}{'_' + str(len([r for r in rows if r['impl'] == impl])) if variant else ''}"
             rows[-1].update(gpu_busy(lambda: gen(first, beams), t["s"], device,
-                                     table=f"{args.profile}/{name}_{mode}.txt"))
+                                     table=f"{args.profile}/profile_{name}_{mode}.txt"))
         save()
 
 
