@@ -8,9 +8,10 @@
 #   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each switch not yet
 #          measured (AB_VARIANTS), on one model in one process                              -> $OUT/decode_ab.json
 #   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
-#          REAL_VARIANTS (default: AB_VARIANTS' last, every switch at once); the GGUF is $GGUF, or /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's,
-#          see ../shared/README.md)                                                         -> $OUT/decode_real.json
-# at Llama-2-7B's shape with random weights (but real).
+#          REAL_VARIANTS (default: AB_VARIANTS' last, every switch at once); the GGUF is $GGUF, or
+#          /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's; ../shared/README.md)
+#                                                                                           -> $OUT/decode_real.json
+# All but real run at Llama-2-7B's shape (PRESET) with random weights.
 #
 #   OUT=/some/dir bash benchmarks/check_decode_gpu.sh [tests] [nf4] [sweep] [adl] [ab] [real]   # tests nf4 if none
 #
@@ -21,7 +22,7 @@
 # ab and real, e.g. "--hf-job-prompts 16"). Stages have time limits (tests 330 s, nf4 120 s, sweep 300 s, real 210 s;
 # adl and ab what is left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
 BUDGET=${BUDGET:-580}
-JOB_PROMPTS=${JOB_PROMPTS:-120}
+JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches: 7 runs of ours (base + 6 variants) fit one call
 K=qlora_core.kernels
 F=$K.fused_projections
 AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $F.NORM_WITH_LORA_A=True $F.SILU_WITH_LORA_A=True
