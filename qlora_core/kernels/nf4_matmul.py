@@ -177,6 +177,21 @@ if gluon is not None:
                                       is_pure=False, pack=1)
 
     @gluon.jit
+    def lora_and_store(acc, y_ptr, h_ptr, b_ptr, rank, hc, stride_h, stride_y, col0, rm, rn, M, N,
+                       ROWS_DIM: gl.constexpr):
+        """A tile's epilogue: acc (float32, x's rows rm along dim ROWS_DIM, the segment's output columns rn along the
+        other) plus the LoRA update h[rm, hc:hc + rank] @ B[rn]^T, stored into y at column col0 + rn, masked to M rows
+        and N columns. Shared with nf4_mma, whose tile is the transpose (ROWS_DIM 1)."""
+        COLS_DIM: gl.constexpr = 1 - ROWS_DIM
+        for r in range(0, rank):
+            hv = gl.load(h_ptr + gl.minimum(rm, M - 1) * stride_h + hc + r).to(gl.float32)
+            bv = gl.load(b_ptr + gl.minimum(rn, N - 1) * rank + r).to(gl.float32)
+            acc += gl.expand_dims(hv, COLS_DIM) * gl.expand_dims(bv, ROWS_DIM)
+        gl.store(y_ptr + gl.expand_dims(rm * stride_y, COLS_DIM) + col0 + gl.expand_dims(rn, ROWS_DIM),
+                 acc.to(y_ptr.dtype.element_ty),
+                 mask=gl.expand_dims(rm < M, COLS_DIM) & gl.expand_dims(rn < N, ROWS_DIM))
+
+    @gluon.jit
     def split_total(acc, ws_ptrs, mask, cnt_ptr, SPLIT: gl.constexpr):
         """(acc summed over the SPLIT programs of one output tile, whether this program holds that sum): each adds
         its float32 partial into the workspace at ws_ptrs with atomics and counts itself at cnt_ptr; the last to
@@ -280,15 +295,9 @@ if gluon is not None:
 
         rm_o = gl.arange(0, BM, layout=gl.SliceLayout(1, LO))
         rn_o = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, LO))
-        m_ok = rm_o < M
         n_ok = rn_o < N
         ws_off = gl.expand_dims((col0 + rn_o) * BM, 0) + gl.expand_dims(rm_o, 1)
         out, last = split_total(out, ws_ptr + ws_off, gl.expand_dims(rm_o < BM, 1) & gl.expand_dims(n_ok, 0),
                                 cnt_ptr + pid, SPLIT)
         if last:
-            for r in range(0, rank):
-                hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
-                bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
-                out += gl.expand_dims(hv, 1) * gl.expand_dims(bv, 0)
-            gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 1) + col0 + gl.expand_dims(rn_o, 0),
-                     out.to(y_ptr.dtype.element_ty), mask=gl.expand_dims(m_ok, 1) & gl.expand_dims(n_ok, 0))
+            lora_and_store(out, y_ptr, h_ptr, b_ptr, rank, hc, stride_h, stride_y, col0, rm_o, rn_o, M, N, 0)

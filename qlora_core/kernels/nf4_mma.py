@@ -115,7 +115,7 @@ def _asm_decode(copies: int) -> str:
 
 
 if gluon is not None:
-    from .nf4_matmul import grid_dependency, segment, split_total
+    from .nf4_matmul import grid_dependency, lora_and_store, segment, split_total
 
     @gluon.jit
     def _kernel(x_ptr, y_ptr, h_ptr, pairs_ptr, ws_ptr, cnt_ptr,
@@ -182,9 +182,4 @@ if gluon is not None:
         n_ok = gl.expand_dims(rn_o < N, 1) & gl.expand_dims(rm_o < BM, 0)
         acc, last = split_total(acc, ws_ptr + ws_off, n_ok, cnt_ptr + pid, SPLIT)
         if last:
-            for r in range(0, rank):
-                hv = gl.load(h_ptr + gl.minimum(rm_o, M - 1) * stride_h + hc + r).to(gl.float32)
-                bv = gl.load(b_ptr + gl.minimum(rn_o, N - 1) * rank + r).to(gl.float32)
-                acc += gl.expand_dims(bv, 1) * gl.expand_dims(hv, 0)
-            gl.store(y_ptr + gl.expand_dims(rm_o * stride_y, 0) + col0 + gl.expand_dims(rn_o, 1),
-                     acc.to(y_ptr.dtype.element_ty), mask=n_ok & gl.expand_dims(rm_o < M, 0))
+            lora_and_store(acc, y_ptr, h_ptr, b_ptr, rank, hc, stride_h, stride_y, col0, rm_o, rn_o, M, N, 1)
