@@ -26,10 +26,12 @@ def runs_on(x) -> bool:
     return triton is not None and x.is_cuda
 
 
-def pdl(x: torch.Tensor) -> bool:
-    """Whether a kernel over x launches with programmatic dependent launch: PDL, a Triton that has it, and a CUDA
-    device of compute capability 9 or more (griddepcontrol is an sm_90 instruction)."""
-    return PDL and gdc_wait is not None and x.is_cuda and _capability(x.device.index or 0) >= 9
+def pdl(x: torch.Tensor) -> dict:
+    """A launch's arguments for programmatic dependent launch of a kernel over x (its PDL constexpr and Triton's
+    launch_pdl): on where PDL, a Triton that has it, and a CUDA device of compute capability 9 or more
+    (griddepcontrol is an sm_90 instruction)."""
+    on = PDL and gdc_wait is not None and x.is_cuda and _capability(x.device.index or 0) >= 9
+    return {"PDL": on, "launch_pdl": on}
 
 
 @functools.cache

@@ -52,7 +52,7 @@ def reorder(cache: torch.Tensor, src: torch.Tensor, first: int, filled: int, bea
     grid = (rows // beams, planes, triton.cdiv(filled - first, BLOCK_S))
     _reorder_kernel[grid](cache, src, first, filled, cache.stride(0), plane, cache.stride(-2), head_dim, beams,
                           BEAMS=triton.next_power_of_2(beams), BLOCK_S=BLOCK_S,
-                          BLOCK_D=triton.next_power_of_2(head_dim), PDL=pdl(cache), launch_pdl=pdl(cache))
+                          BLOCK_D=triton.next_power_of_2(head_dim), **pdl(cache))
 
 
 if triton is not None:

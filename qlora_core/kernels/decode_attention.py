@@ -79,8 +79,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _decode_attention_kernel[(rows, kv, splits)](
         q, k_cache, v_cache, bias, input_pos, share_arg, y, ws, counters, slots, per_split, d ** -0.5,
         q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3], bias.stride(0),
-        GROUP=group, QP=qp, D=d, DP=dp, BLOCK_S=block_s, SPLITS=splits, SHARE=share is not None, PDL=pdl(q),
-        num_warps=WARPS, launch_pdl=pdl(q))
+        GROUP=group, QP=qp, D=d, DP=dp, BLOCK_S=block_s, SPLITS=splits, SHARE=share is not None,
+        num_warps=WARPS, **pdl(q))
     return y
 
 

@@ -74,7 +74,7 @@ def lora_a(x: torch.Tensor, a: torch.Tensor, norm: tuple[torch.Tensor, float] | 
     _lora_a_kernel[(splits,)](x2, a, h, ws, counter, weight, u2, made, rows, r, k, x2.stride(0), u2.stride(0),
                               splits, eps, BM=bm, BR=max(16, triton.next_power_of_2(r)), BK=BLOCK_K,
                               BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK, IEEE=x.dtype == torch.float32,
-                              PROLOGUE=prologue, NORM_BLOCK=NORM_TILE // bm, PDL=pdl(x), launch_pdl=pdl(x))
+                              PROLOGUE=prologue, NORM_BLOCK=NORM_TILE // bm, **pdl(x))
     h = h.view(*x.shape[:-1], r)
     return (made.view(x.shape), h) if prologue else h
 

@@ -86,7 +86,7 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     ws, counters = workspace(x.device, y.shape[1], tiles)
     _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
-                            SPLIT=split, PDL=pdl(x), num_warps=warps, launch_pdl=pdl(x))
+                            SPLIT=split, num_warps=warps, **pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
 
 

@@ -79,8 +79,7 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
                             rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=bm, W=warps, MT=mt, LB=lay[0], LXP=lay[1], COPIES=COPIES, ASM_LANE=_asm_lane(COPIES),
-                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, PDL=pdl(x), num_warps=warps,
-                            launch_pdl=pdl(x))
+                            ASM_DECODE=_asm_decode(COPIES), SPLIT=split, num_warps=warps, **pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
 
 

@@ -55,8 +55,7 @@ class RMSNorm(torch.autograd.Function):
         out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         r = torch.empty(n_rows, dtype=torch.float32, device=x.device)
         block, warps = row_block(n)
-        _rmsnorm_fwd[(n_rows,)](x2, weight, out, r, x2.stride(0), n, eps, BLOCK=block, PDL=pdl(x), num_warps=warps,
-                                launch_pdl=pdl(x))
+        _rmsnorm_fwd[(n_rows,)](x2, weight, out, r, x2.stride(0), n, eps, BLOCK=block, num_warps=warps, **pdl(x))
         ctx.save_for_backward(x2, weight, r)
         return out.view(x.shape)
 
@@ -85,8 +84,7 @@ class SiluMul(torch.autograd.Function):
         g2, u2 = as_rows(gate), as_rows(up)
         out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
         grid = (g2.shape[0], triton.cdiv(g2.shape[1], BLOCK))
-        _silu_mul_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=BLOCK, PDL=pdl(gate),
-                            launch_pdl=pdl(gate))
+        _silu_mul_fwd[grid](g2, u2, out, g2.stride(0), u2.stride(0), g2.shape[1], BLOCK=BLOCK, **pdl(gate))
         ctx.save_for_backward(g2, u2)
         return out.view(gate.shape)
 
@@ -150,8 +148,7 @@ def rope_into_cache(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Ten
     _rope_cache_kernel[grid](qkv, cos, sin, q, k_cache, v_cache, input_pos, t, heads, kv_heads,
                              qkv.stride(0), qkv.stride(1), *cos.stride()[:2], *sin.stride()[:2],
                              *k_cache.stride()[:3], *v_cache.stride()[:3],
-                             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), PDL=pdl(qkv),
-                             launch_pdl=pdl(qkv))
+                             HALF=d // 2, BLOCK_H=block_h, BLOCK_D=triton.next_power_of_2(d // 2), **pdl(qkv))
     return q
 
 
