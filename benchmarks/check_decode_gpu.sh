@@ -51,7 +51,7 @@ for stage in "${stages[@]}"; do
   SECONDS=0
   case $stage in
     tests)
-      timeout 330 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" \
+      timeout ${TESTS_S:-330} "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" \
         | tail -15 | tee -a "$OUT/log.txt"
       summary=$(tail -1 "$OUT/pytest.txt")  # pytest's last line: "N passed, ..." or "N failed, M passed, ..."
       [[ $summary == *passed* && $summary != *failed* && $summary != *error* ]] || status=1 ;;
