@@ -157,8 +157,8 @@ class DecodeState:
             view.share = self.share
             layer.self_attn.kv_cache = view
 
-    def reorder(self, model, rows: torch.Tensor, filled, beams: int | None = None, first=0,
-                span: int | None = None) -> bool:
+    def reorder(self, model, rows: torch.Tensor, filled: int | None, beams: int | None = None,
+                first: int = 0) -> bool:
         """reorder_cache when the model's caches are views of the installed buffer (False otherwise). Where rows
         move within groups of `beams` (beam search) and the kernel runs, kernels/beam_reorder.py does it in one
         launch, in place. Else a gather of the rows that change, over as many layers at once as keep its copy
@@ -166,12 +166,10 @@ class DecodeState:
         if self.installed is None or model.model.layers[0].self_attn.kv_cache.k.data_ptr() != \
                 self.installed.data_ptr():
             return False
-        if filled is None:
-            filled = self.installed.shape[4]
         if beams is not None and beam_reorder.runs(self.installed):
-            beam_reorder.reorder(self.installed, rows, first, filled, beams, span)
+            beam_reorder.reorder(self.installed, rows, first, self.installed.shape[4] if filled is None else filled,
+                                 beams)
             return True
-        first, filled = int(first), int(filled)  # tensors: a synchronisation, where the kernel cannot run
         changed = (rows != torch.arange(len(rows), device=rows.device)).nonzero().squeeze(1)
         if len(changed):
             part = self.installed[:, :, :, :, first:filled]
@@ -191,21 +189,6 @@ class DecodeState:
                 self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
             self.steps[key] = GraphedDecodeStep(model, rows, cache_len, device, self.pool, self.side)
         return self.steps[key]
-
-    def beam_step(self, model, rows: int, cache_len: int, device, graphed: bool, *search) -> "BeamStep":
-        """The BeamStep of a beam search (BeamSearch's arguments after the batch: num_beams, max_new_tokens,
-        eos_id, pad_id, length_penalty) over rows rows and cache_len slots; graphed: captured, and kept for later
-        calls of the same key, as `step`'s."""
-        key = (rows, cache_len, *search)
-        if graphed and key in self.steps:
-            return self.steps[key]
-        if graphed and self.pool is None:
-            self.pool, self.side = torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
-        step = BeamStep(model, BeamSearch(rows // search[0], *search, device), rows, cache_len, self.share[1:],
-                        device, *((self.pool, self.side) if graphed else (None, None)))
-        if graphed:
-            self.steps[key] = step
-        return step
 
 
 _states: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -252,20 +235,17 @@ def select_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 
     return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
 
 
-def reorder_cache(model, rows: torch.Tensor, filled=None, beams: int | None = None, first=0,
-                  span: int | None = None) -> None:
+def reorder_cache(model, rows: torch.Tensor, filled: int | None = None, beams: int | None = None,
+                  first: int = 0) -> None:
     """Make cache row i a copy of row rows[i], in place (the buffers keep their address and shape).
 
     Only slots first to filled are copied: later slots are written before any query reads them, and the caller
     says that earlier ones are equal already (beam search: the prompt, copied to all the beams of its group).
-    first and filled: ints, or one-element integer tensors on the cache's device whose difference is at most span
-    (beam search's step, replayed from a CUDA graph while both move).
     beams: when given, rows[i] lies in i's group of `beams` consecutive rows (beam search's reorder).
     """
     state = _states.get(model)
-    if state is not None and state.reorder(model, rows, filled, beams, first, span):
+    if state is not None and state.reorder(model, rows, filled, beams, first):
         return
-    first, filled = int(first), None if filled is None else int(filled)
     for layer in model.model.layers:
         cache = layer.self_attn.kv_cache
         for buf in (cache.k, cache.v):
@@ -359,9 +339,9 @@ def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(x, index.view(*index.shape, *[1] * (x.dim() - 2)), dim=1)
 
 
-class BeamSearch:
-    """Beam search's state over a batch of prompts, fixed-shape tensors that `select` updates in place, so that a
-    CUDA graph can replay a whole step (BeamStep).
+def beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty, step=decode_one_token):
+    """Beam search over a left-padded batch of batch * num_beams rows (each prompt repeated num_beams times)
+    whose cache is set up; tokens [batch, max_new_tokens] of the best finished hypothesis of each prompt.
 
     The rules are those of transformers' `_beam_search` with early_stopping=False:
     - each step keeps the top 2 * num_beams continuations (by summed log-probability) over all beams;
@@ -371,146 +351,65 @@ class BeamSearch:
     - the best num_beams unfinished continuations run on;
     - a prompt is closed for good once all num_beams finished places are taken and the best running beam's score,
       divided by the current length ** length_penalty, no longer beats the worst of them (a heuristic, not a
-      bound); nothing joins a closed prompt's finished set. The search ends when all prompts are closed or at
+      bound); nothing joins a closed prompt's finished set. The loop ends when all prompts are closed or at
       max_new_tokens, where every top continuation finishes. The answer is the best finished hypothesis.
     """
+    rows, width = ids.shape
+    batch, device = rows // num_beams, ids.device
+    keep = 2 * num_beams
+    mask[:, width:] = True  # every beam is live to the end; causality hides the slots not yet written
+    logits = prefill_beams(model, ids, mask, num_beams)
+    input_pos = torch.tensor([width], device=device)
+    vocab = logits.shape[-1]
 
-    def __init__(self, batch: int, num_beams: int, max_new_tokens: int, eos_id: int | None, pad_id: int,
-                 length_penalty: float, device):
-        self.num_beams, self.max_new_tokens, self.eos_id = num_beams, max_new_tokens, eos_id
-        self.pad_id, self.length_penalty = pad_id, length_penalty
-        beams = (batch, num_beams)
-        self.t = torch.zeros(1, dtype=torch.long, device=device)
-        """The step that `select` picks the tokens of."""
-        self.running_scores = torch.empty(beams, device=device)
-        self.running = torch.empty((*beams, max_new_tokens), dtype=torch.long, device=device)
-        self.finished = torch.empty_like(self.running)
-        self.finished_scores = torch.empty(beams, device=device)
-        self.is_finished = torch.empty(beams, dtype=torch.bool, device=device)
-        self.improvable = torch.empty(batch, dtype=torch.bool, device=device)
-        self.tokens = torch.empty((batch * num_beams, 1), dtype=torch.long, device=device)
-        """The selected beams' last tokens: the next decode step's input."""
-        self.source_rows = torch.empty(batch * num_beams, dtype=torch.long, device=device)
-        """The cache row each selected beam continues: the next step's reorder."""
-        self.stopped = torch.empty((), dtype=torch.bool, device=device)
-        """Whether the search has ended; `select` changes no answer after that (a step read late may still run)."""
-        self.answer = torch.empty((batch, max_new_tokens), dtype=torch.long, device=device)
-        """Each prompt's best finished hypothesis when the search ended."""
-        self.top_beams = torch.arange(2 * num_beams, device=device) < num_beams
-        self.row_offset = torch.arange(batch, device=device)[:, None] * num_beams
-        self.reset()
+    running_scores = torch.full((batch, num_beams), NEG_INF, device=device)
+    running_scores[:, 0] = 0.0  # the beams start as copies of one prompt: only the first may expand at step 0
+    running = torch.full((batch, num_beams, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    finished = running.clone()
+    finished_scores = torch.full((batch, num_beams), NEG_INF, device=device)
+    is_finished = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+    improvable = torch.ones(batch, dtype=torch.bool, device=device)
+    top_beams = torch.arange(keep, device=device) < num_beams
+    stop = StopFlag(device)
+    row_offset = torch.arange(batch, device=device)[:, None] * num_beams
 
-    def reset(self) -> None:
-        """The state before the first step: the beams start as copies of one prompt, so only the first may expand."""
-        self.t.zero_()
-        self.running_scores.fill_(NEG_INF)
-        self.running_scores[:, 0] = 0.0
-        self.running.fill_(self.pad_id)
-        self.finished.fill_(self.pad_id)
-        self.finished_scores.fill_(NEG_INF)
-        self.is_finished.zero_()
-        self.improvable.fill_(True)
-        self.stopped.zero_()
-        self.tokens.fill_(self.pad_id)
-        self.source_rows.copy_(torch.arange(len(self.source_rows), device=self.source_rows.device))
-
-    def select(self, logits: torch.Tensor) -> None:
-        """Step t's selection from float32 logits [batch * num_beams, vocab], then t += 1."""
-        batch, num_beams = self.running_scores.shape
-        keep, t, vocab = 2 * num_beams, self.t, logits.shape[-1]
-        log_probs = F.log_softmax(logits, dim=-1).view(batch, num_beams, vocab) + self.running_scores[:, :, None]
+    for t in range(max_new_tokens):
+        log_probs = F.log_softmax(logits, dim=-1).view(batch, num_beams, vocab) + running_scores[:, :, None]
         cand_scores, cand_index = torch.topk(log_probs.view(batch, -1), keep)
         cand_beam, cand_token = cand_index // vocab, cand_index % vocab
-        cand = _take(self.running, cand_beam)
-        cand.scatter_(2, t.view(1, 1, 1).expand(batch, keep, 1), cand_token[:, :, None])
-        hits = t + 1 == self.max_new_tokens  # the last step: every top continuation finishes
-        if self.eos_id is not None:
-            hits = hits | (cand_token == self.eos_id)
-        hits = hits.expand(batch, keep)
+        cand = _take(running, cand_beam)
+        cand[:, :, t] = cand_token
+        if t + 1 == max_new_tokens:
+            hits = torch.ones_like(cand_token, dtype=torch.bool)
+        elif eos_id is None:
+            hits = torch.zeros_like(cand_token, dtype=torch.bool)
+        else:
+            hits = cand_token == eos_id
 
         live_scores = cand_scores + hits.float() * NEG_INF
         next_beams = torch.topk(live_scores, num_beams)[1]
-        self.running.copy_(_take(cand, next_beams))
-        self.running_scores.copy_(_take(live_scores, next_beams))
-        self.source_rows.copy_((_take(cand_beam, next_beams) + self.row_offset).view(-1))
-        self.tokens.copy_(self.running.index_select(2, t).view(-1, 1))
+        running, running_scores = _take(cand, next_beams), _take(live_scores, next_beams)
+        source_rows = (_take(cand_beam, next_beams) + row_offset).view(-1)
 
-        length = ((t + 1).double() ** self.length_penalty).float()
-        just_finished = hits & self.top_beams
-        norm = cand_scores / length
-        norm = norm + (~self.improvable[:, None]).float() * NEG_INF + (~just_finished).float() * NEG_INF
-        best = torch.topk(torch.cat((self.finished_scores, norm), dim=1), num_beams)[1]
-        self.finished.copy_(_take(torch.cat((self.finished, cand), dim=1), best))
-        self.finished_scores.copy_(_take(torch.cat((self.finished_scores, norm), dim=1), best))
-        self.is_finished.copy_(_take(torch.cat((self.is_finished, just_finished), dim=1), best))
+        just_finished = hits & top_beams
+        norm = cand_scores / ((t + 1) ** length_penalty)
+        norm = norm + (~improvable[:, None]).float() * NEG_INF + (~just_finished).float() * NEG_INF
+        best = torch.topk(torch.cat((finished_scores, norm), dim=1), num_beams)[1]
+        finished = _take(torch.cat((finished, cand), dim=1), best)
+        finished_scores = _take(torch.cat((finished_scores, norm), dim=1), best)
+        is_finished = _take(torch.cat((is_finished, just_finished), dim=1), best)
 
-        best_running = self.running_scores[:, :1] / length
-        worst_finished = torch.where(self.is_finished, self.finished_scores.min(dim=1, keepdim=True)[0], NEG_INF)
-        self.improvable &= (best_running > worst_finished).any(dim=1)
-        self.answer.copy_(torch.where(self.stopped, self.answer, self.finished[:, 0]))
-        self.stopped |= ~self.improvable.any() | hits.all()
-        t += 1
-
-
-class BeamStep:
-    """A beam search step after the first: the cache reordered to the selected beams, the decode step of their
-    tokens, the next selection. `__call__` runs it, replaying a CUDA graph where one was captured (capture: as
-    GraphedDecodeStep's, after the cache is installed and before the prefill), else op by op.
-
-    first: int32 [1] on the device, the prompt's width (DecodeState.share's), from which slots are generated and
-    reordered. The graph reads search, first and its own input_pos and mask where they were at capture: a call
-    resets search and fills input_pos and mask.
-    """
-
-    def __init__(self, model, search: BeamSearch, rows: int, cache_len: int, first: torch.Tensor, device,
-                 pool=None, side: torch.cuda.Stream | None = None):
-        self.search, self.first = search, first
-        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.ones((rows, cache_len), dtype=torch.bool, device=device)
-        self.graph = None
-        if pool is None:
-            return
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm up outside the graph (slot 0, before the prefill; no slot is reordered)
-            for _ in range(2):
-                self.run(model)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.run(model)
-
-    def run(self, model) -> None:
-        s = self.search
-        reorder_cache(model, s.source_rows, self.input_pos, s.num_beams, first=self.first, span=s.max_new_tokens)
-        s.select(decode_one_token(model, s.tokens, self.input_pos, self.mask))
-        self.input_pos += 1
-
-    def __call__(self, model) -> None:
-        if self.graph is None:
-            self.run(model)
-        else:
-            self.graph.replay()
-
-
-def beam_search(model, ids, mask, step: BeamStep) -> torch.Tensor:
-    """Beam search (BeamSearch's rules) over a left-padded batch of batch * num_beams rows (each prompt repeated
-    num_beams times) whose cache is set up; tokens [batch, max_new_tokens] of the best finished hypothesis of each
-    prompt. step: the step and the search state it updates."""
-    rows, width = ids.shape
-    search = step.search
-    search.reset()
-    mask[:, width:] = True  # every beam is live to the end; causality hides the slots not yet written
-    step.mask.copy_(mask)
-    step.input_pos.fill_(width)
-    search.select(prefill_beams(model, ids, mask, search.num_beams))
-    stop = StopFlag(ids.device)
-    for _ in range(1, search.max_new_tokens):
-        if stop.now(search.stopped):
+        best_running = running_scores[:, :1] / ((t + 1) ** length_penalty)
+        worst_finished = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True)[0], NEG_INF)
+        improvable &= (best_running > worst_finished).any(dim=1)
+        if t + 1 == max_new_tokens or stop.now(~improvable.any() | hits.all()):
             break
-        step(model)
-        if stop.late():  # the search had ended: this step changed no answer
+        reorder_cache(model, source_rows, width + t, num_beams, first=width)  # the prompt is every beam's
+        logits = step(model, running[:, :, t].reshape(rows, 1), input_pos, mask)
+        input_pos += 1
+        if stop.late():  # all prompts were closed at t: finished holds the answer, this step's logits are not needed
             break
-    return search.answer
+    return finished[:, 0]
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: int = 1, eos_id: int | None = None,
@@ -557,14 +456,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
         with torch.inference_mode(), fused_projections(model, state.groups if groups else [],
                                                        model.lm_head.weight.dtype):
             state.install_cache(model, rows, cache_len, num_beams, width)  # every path: the graphed one's layout
+            step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
-                step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,
                                        generator, step)
             else:
-                step = state.beam_step(model, rows, cache_len, device, cuda_graph, num_beams, max_new_tokens, eos_id,
-                                       pad_id, length_penalty)
-                tokens = beam_search(model, ids, mask, step)
+                tokens = beam_search(model, ids, mask, num_beams, max_new_tokens, eos_id, pad_id, length_penalty,
+                                     step)
     finally:
         state.installed = None
         model.clear_cache()

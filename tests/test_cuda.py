@@ -240,10 +240,9 @@ def test_nf4_graphs_are_kept_across_generate_calls(tmp_path, monkeypatch):
     import qlora_core.generate as gen
     model = small_nf4_lora_model(tmp_path, torch.bfloat16)
     captured = []
-    step_class = gen.BeamStep
+    step_class = gen.GraphedDecodeStep
     monkeypatch.setattr(gen, "CACHE_BUCKET", 64)
-    monkeypatch.setattr(gen, "BeamStep", lambda *a: (a[6] is not None and captured.append(a[2:4]))
-                        or step_class(*a))
+    monkeypatch.setattr(gen, "GraphedDecodeStep", lambda *a: captured.append(a[1:3]) or step_class(*a))
     batches = [[torch.randint(3, 128, (n,)).tolist() for n in lengths] for lengths in ((5, 9), (12, 3), (7, 20))]
     for batch in batches:
         graphed = generate(model, batch, 16, num_beams=3, cuda_graph=True)

@@ -8,9 +8,7 @@ one program can read all the source rows it needs before it writes any: the reor
 
 `reorder(cache, src, first, filled, beams)`: cache [rows, planes..., slots, head_dim] (the planes, layers x k/v x
 heads, one stride apart), src [rows] int64 on the cache's device with src[r] in r's group, slots first to filled
-(beam search copies only the generated slots: the prompt's are the same in every beam of a group). first and filled
-may be one-element integer tensors on the cache's device, which the kernel reads, with `span` bounding filled - first
-on the host: so a CUDA graph of beam search's step replays one launch while both move.
+(beam search copies only the generated slots: the prompt's are the same in every beam of a group).
 A program takes one group, one plane and BLOCK_S slots: it loads the changed rows' sources, then stores them.
 On an H200 (bench_generate.py --workload adl, Llama-2-7B) beam 3 at batch 1 decoded 143.2 new tokens/s through it
 against 132.2 through the gather, and the 250-prompt job 765.8 against 563.5.
@@ -40,26 +38,20 @@ def plane_stride(cache: torch.Tensor) -> int | None:
     return strides[-1] if dims else 0
 
 
-def reorder(cache: torch.Tensor, src: torch.Tensor, first, filled, beams: int, span: int | None = None) -> None:
+def reorder(cache: torch.Tensor, src: torch.Tensor, first: int, filled: int, beams: int) -> None:
     """cache[r, ..., first:filled, :] = cache[src[r], ..., first:filled, :] for every row r, in place; src[r] must
-    lie in r's group of `beams` rows (r // beams == src[r] // beams). first and filled: ints, or one-element integer
-    tensors on the cache's device with filled - first <= span."""
+    lie in r's group of `beams` rows (r // beams == src[r] // beams)."""
     rows, slots, head_dim = cache.shape[0], cache.shape[-2], cache.shape[-1]
     plane = plane_stride(cache)
     if plane is None or cache.stride(-1) != 1 or rows % beams:
         raise ValueError(f"reorder needs evenly spaced planes, contiguous heads and whole groups of {beams} rows")
     planes = cache[0, ..., 0, 0].numel()
-    on_device = isinstance(filled, torch.Tensor)
-    if on_device != isinstance(first, torch.Tensor) or (on_device and span is None):
-        raise ValueError("first and filled are both ints, or both tensors with a span")
-    if not on_device:
-        filled = min(filled, slots)
-        span = filled - first
-    if span <= 0:
+    filled = min(filled, slots)
+    if filled <= first:
         return
-    grid = (rows // beams, planes, triton.cdiv(span, BLOCK_S))
-    _reorder_kernel[grid](cache, src, first, filled, slots, cache.stride(0), plane, cache.stride(-2), head_dim, beams,
-                          ON_DEVICE=on_device, BEAMS=triton.next_power_of_2(beams), BLOCK_S=BLOCK_S,
+    grid = (rows // beams, planes, triton.cdiv(filled - first, BLOCK_S))
+    _reorder_kernel[grid](cache, src, first, filled, cache.stride(0), plane, cache.stride(-2), head_dim, beams,
+                          BEAMS=triton.next_power_of_2(beams), BLOCK_S=BLOCK_S,
                           BLOCK_D=triton.next_power_of_2(head_dim), **pdl(cache))
 
 
@@ -67,13 +59,9 @@ if triton is not None:
     from . import grid_dependency
 
     @triton.jit
-    def _reorder_kernel(cache_ptr, src_ptr, first, filled, slots_total, s_row, s_plane, s_slot, head_dim, beams,
-                        ON_DEVICE: tl.constexpr, BEAMS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr):
+    def _reorder_kernel(cache_ptr, src_ptr, first, filled, s_row, s_plane, s_slot, head_dim, beams,
+                        BEAMS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
         grid_dependency(PDL)
-        if ON_DEVICE:  # the bounds are tensors that the step before wrote
-            first = tl.load(first).to(tl.int64)
-            filled = tl.minimum(tl.load(filled).to(tl.int64), slots_total)
         group = tl.program_id(0).to(tl.int64)
         plane = tl.program_id(1).to(tl.int64)
         j = tl.arange(0, BEAMS)
