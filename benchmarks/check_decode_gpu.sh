@@ -5,10 +5,10 @@
 #   sweep  the same with every configuration (nf4_matmul's tiles, nf4_mma's tiles a warp x K splits), 1-24 rows
 #                                                                                           -> $OUT/nf4_sweep.json
 #   adl    the ADL decoding benchmark, ours vs transformers + peft + bitsandbytes           -> $OUT/decode.json
-#   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each switch not yet
-#          measured (AB_VARIANTS), on one model in one process                              -> $OUT/decode_ab.json
+#   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each variant
+#          in AB_VARIANTS (module constants), on one model in one process                           -> $OUT/decode_ab.json
 #   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
-#          REAL_VARIANTS (default: AB_VARIANTS' last, every switch at once); the GGUF is $GGUF, or
+#          REAL_VARIANTS (default: AB_VARIANTS' last); the GGUF is $GGUF, or
 #          /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's; ../shared/README.md)
 #                                                                                           -> $OUT/decode_real.json
 # All but real run at Llama-2-7B's shape (PRESET) with random weights.
@@ -23,12 +23,8 @@
 # adl and ab what is left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
 BUDGET=${BUDGET:-580}
 JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches: 7 runs of ours (base + 6 variants) fit one call
-K=qlora_core.kernels
-F=$K.fused_projections
-AB_VARIANTS=${AB_VARIANTS:-"qlora_core.generate.STOP_READ_LATE=False $F.NORM_WITH_LORA_A=True $F.SILU_WITH_LORA_A=True
-$K.decode_attention.DECODE_ATTENTION=True $K.PDL=True
-$F.NORM_WITH_LORA_A=True,$F.SILU_WITH_LORA_A=True,$K.decode_attention.DECODE_ATTENTION=True,$K.PDL=True"}
-REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last: every switch at once
+AB_VARIANTS=${AB_VARIANTS:-}  # e.g. "qlora_core.generate.CACHE_BUCKET=64 qlora_core.generate.STOP_READ_LATE=False"
+REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last
 ab_flags=() real_flags=()
 for v in $AB_VARIANTS; do ab_flags+=(--ab "$v"); done
 for v in $REAL_VARIANTS; do real_flags+=(--ab "$v"); done

@@ -64,7 +64,7 @@ def base_parser(description: str, impls: tuple) -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="JSON results (default: WORKDIR/<script name>.json)")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
                     help="set a module constant before the run, for an A/B of one change (repeatable), e.g. "
-                    "qlora_core.kernels.fused_projections.NORM_WITH_LORA_A=1")
+                    "qlora_core.generate.CACHE_BUCKET=64")
     return ap
 
 

@@ -128,14 +128,10 @@ class DecodeState:
         """The stream the captures warm up on, made with the pool."""
         self.installed: torch.Tensor | None = None
         """The part of a buffer that the model's caches view during the current call."""
-        self.share: torch.Tensor | None = None
-        """int32 [2] on the model's device: the current call's beams and prompt width (KVCache.share)."""
 
-    def install_cache(self, model, rows: int, cache_len: int, beams: int = 1, width: int = 0) -> None:
+    def install_cache(self, model, rows: int, cache_len: int) -> None:
         """Give the model KV caches of cache_len slots for rows rows: views of the kept buffer's leading rows and
-        slots, the buffer replaced by a larger one (and the steps captured on it dropped) where it is too small.
-        beams and width: each group of `beams` rows shares its first `width` slots (beam search's prompt), which
-        the views' `share` says to the decode attention kernel."""
+        slots, the buffer replaced by a larger one (and the steps captured on it dropped) where it is too small."""
         full = self.cache
         if full is None or full.shape[0] < rows or full.shape[4] < cache_len:
             kept_rows, kept_slots = (0, 0) if full is None else (full.shape[0], full.shape[4])
@@ -148,13 +144,9 @@ class DecodeState:
                                              max(cache_len, kept_slots), attn.head_dim), dtype=p.dtype,
                                             device=p.device)
         self.installed = full[:rows, :, :, :, :cache_len]
-        if self.share is None or self.share.device != full.device:
-            self.share = torch.zeros(2, dtype=torch.int32, device=full.device)
-        self.share.copy_(torch.tensor([beams, width], dtype=torch.int32))
         for i, layer in enumerate(model.model.layers):
             view = KVCache(rows, full.shape[3], 0, full.shape[5], full.dtype, full.device)
             view.k, view.v = self.installed[:, i, 0], self.installed[:, i, 1]
-            view.share = self.share
             layer.self_attn.kv_cache = view
 
     def reorder(self, model, rows: torch.Tensor, filled: int | None, beams: int | None = None,
@@ -455,7 +447,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     try:
         with torch.inference_mode(), fused_projections(model, state.groups if groups else [],
                                                        model.lm_head.weight.dtype):
-            state.install_cache(model, rows, cache_len, num_beams, width)  # every path: the graphed one's layout
+            state.install_cache(model, rows, cache_len)  # every path: the same cache layout as the graphed one
             step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
                 tokens = greedy_search(model, ids, mask, max_new_tokens, eos_id, pad_id, temperature, top_p,

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
-from .kernels import decode_attention, norm_rope_silu as fused
+from .kernels import norm_rope_silu as fused
 from .kernels.dropout import seeded as seeded_dropout
 from .lora import project
 from .util import QLoRAError, rng_restored, rng_state
@@ -125,19 +125,13 @@ class SiluMul(torch.autograd.Function):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values [batch, kv_heads, max_len, head_dim], written in place.
-
-    share: None, or a device tensor [2] of beams and a prompt width: the slots before the width hold the same keys
-    and values in every row of a group of `beams` rows (beam search), and the decode attention kernel reads them from
-    the group's first row.
-    """
+    """Preallocated keys and values [batch, kv_heads, max_len, head_dim], written in place."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.share: torch.Tensor | None = None
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         self.k.index_copy_(2, input_pos, k)
@@ -186,7 +180,7 @@ class Attention(nn.Module):
         if qkv is not None:  # rotary and the cache write in one launch
             cache = self.kv_cache
             q = fused.rope_into_cache(qkv, self.n_heads, self.n_kv, cos, sin, cache.k, cache.v, input_pos)
-            return self.attend(q.transpose(1, 2), cache.k, cache.v, mask, input_pos)
+            return self.attend(q.transpose(1, 2), cache.k, cache.v, mask)
         rope = fused.Rope.apply if fused.runs_on(x) else apply_rope
         q = rope(q.view(b, t, self.n_heads, self.head_dim), cos, sin)
         k = rope(k.view(b, t, self.n_kv, self.head_dim), cos, sin)
@@ -197,17 +191,11 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
-        return self.attend(q, k, v, mask, input_pos)
+        return self.attend(q, k, v, mask)
 
-    def attend(self, q, k, v, mask, input_pos=None):
-        """Attention of q [batch, heads, seq, head_dim] over k and v [batch, kv_heads, keys, head_dim], then o_proj.
-        A decode step over the cache (one query at slot input_pos) runs kernels/decode_attention.py where it
-        applies."""
+    def attend(self, q, k, v, mask):
+        """Attention of q [batch, heads, seq, head_dim] over k and v [batch, kv_heads, keys, head_dim], then o_proj."""
         b, t = q.shape[0], q.shape[2]
-        cache = self.kv_cache
-        if t == 1 and cache is not None and input_pos is not None and decode_attention.supports(q[:, :, 0], k, mask):
-            y = decode_attention.decode_attention(q[:, :, 0], k, v, mask, input_pos, cache.share)
-            return project(y.view(b, 1, -1), self.o_proj)[0]
         if self.n_kv != self.n_heads:
             k = k.repeat_interleave(self.n_heads // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv, dim=1)
@@ -254,12 +242,8 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return project(self.activation(gate, up), self.down_proj)[0]
-
-    def activation(self, gate, up):
-        """silu(gate) * up, down_proj's input (decoding's fused_projections may take it over on the instance)."""
-        silu_mul = fused.SiluMul if fused.runs_on(gate) else SiluMul
-        return silu_mul.apply(gate, up)
+        silu_mul = fused.SiluMul if fused.runs_on(x) else SiluMul
+        return project(silu_mul.apply(gate, up), self.down_proj)[0]
 
 
 class DecoderLayer(nn.Module):

@@ -302,34 +302,3 @@ def test_decode_state_reorders_the_changed_rows_of_every_layer(tmp_path, monkeyp
     assert torch.equal(state.installed, expected)
     k = model.model.layers[2].self_attn.kv_cache.k
     assert torch.equal(k, expected[:, 2, 0])
-
-
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_decode_steps_through_the_decode_attention_kernel_match_transformers(models, monkeypatch, num_beams):
-    """With DECODE_ATTENTION, every decode step's attention goes to kernels/decode_attention.py (faked on the CPU by
-    SDPA over the keys and values the kernel reads: the prompt's slots of each group's first row), told the call's
-    beams and prompt width; the tokens are transformers'."""
-    import qlora_core.kernels.decode_attention as da
-    ref, ours = models
-    prompts = random_prompts()
-    width = max(len(p) for p in prompts)
-    shares = []
-
-    def fake(q, k, v, bias, input_pos, share):
-        beams, prompt = share.tolist()
-        shares.append((beams, prompt))
-        first = torch.arange(q.shape[0]) // beams * beams
-        k, v = k.clone(), v.clone()
-        k[:, :, :prompt], v[:, :, :prompt] = k[first, :, :prompt], v[first, :, :prompt]
-        group = q.shape[1] // k.shape[1]
-        y = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, None], k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=bias)
-        return y.reshape(q.shape[0], -1)
-
-    monkeypatch.setattr(da, "DECODE_ATTENTION", True)
-    monkeypatch.setattr(da, "runs_on", lambda x: True)
-    monkeypatch.setattr(da, "decode_attention", fake)
-    mine = gen.generate(ours, prompts, MAX_NEW, num_beams=num_beams)
-    assert mine == hf_generate(ref, prompts, MAX_NEW, None, num_beams=num_beams)
-    layers = len(ours.model.layers)
-    assert shares == [(num_beams, width)] * (MAX_NEW - 1) * layers

@@ -14,10 +14,7 @@ the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups.
 while `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first
 member of a group called with an input computes the whole group and keeps the other members' outputs for their
 calls with the same input tensor. Calls with many rows or with gradients run the layer's own forward. `generate`
-uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU. Where NORM_WITH_LORA_A or
-SILU_WITH_LORA_A (off until measured), the launch that makes a group's input (q/k/v's and gate/up's RMSNorm, the
-MLP's activation for down) computes its h too (lora_a's prologues) and hands both over: the norm's `forward` and the
-MLP's `activation` are replaced on the instance as the projections' are.
+uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
 
@@ -34,16 +31,9 @@ MAX_ROWS = 32
 CHECKED: dict = {}
 """Shapes (device, dtype, rows, in, outs, ranks) on which the NF4 kernel was checked against dequantize + GEMM:
 True where it agreed, False where it failed or disagreed (those decode through `matmuls`)."""
-GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"), ("self_attn", ("o_proj",), None),
-          ("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"), ("mlp", ("down_proj",), "mlp"))
-"""Projections that share an input, by the submodule that holds them, and what makes that input: the decoder
-layer's RMSNorm of that name, the MLP's activation ("mlp"), or None (attention)."""
-NORM_WITH_LORA_A = False
-"""Whether a group's RMSNorm and its LoRA h = x A^T run as one launch of kernels/lora_a.py (on CUDA). Off until an
-H200 measures it: bench_generate.py --set qlora_core.kernels.fused_projections.NORM_WITH_LORA_A=True."""
-SILU_WITH_LORA_A = False
-"""Whether the MLP's SiLU(gate) * up and down's LoRA h run as one launch of kernels/lora_a.py (on CUDA). Off until an
-H200 measures it, as NORM_WITH_LORA_A."""
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+"""Projections that share an input, by the submodule that holds them."""
 
 
 def _parts(module):
@@ -62,15 +52,8 @@ def _parts(module):
 class ProjectionGroup:
     """Projections sharing an input, each over a 4-bit layer, computed together at the first member's call."""
 
-    def __init__(self, modules: list, norm=None, mlp=None):
+    def __init__(self, modules: list):
         self.modules = modules
-        self.norm = norm
-        """The RMSNorm module whose output is the group's input, or None."""
-        self.mlp = mlp
-        """The MLP whose activation is the group's input (down's), or None."""
-        self.handed = None
-        """(the group's input, h of it) when the launch that made the input computed h too (norm_forward,
-        activation), until the group runs."""
         parts = [_parts(m) for m in modules]
         self.bases = [p[0] for p in parts]
         self.loras = [p[1] if p[1] is not None and not getattr(p[1], "merged", False) else None for p in parts]
@@ -110,39 +93,14 @@ class ProjectionGroup:
                 or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
             return type(module).forward(module, x)
         h = None
-        if self.handed is not None and self.handed[0] is x:
-            h = self.handed[1]
-        elif any(self.ranks):
+        if any(self.ranks):
             h = lora_a.lora_a(x, self.a) if lora_a.supports(x, self.a) else F.linear(x, self.a)
-        self.handed = None
         outs = self.kernel(x, h)
         if outs is None:
             outs = self.matmuls(x, h)
         others = {i: o for i, o in enumerate(outs) if i != index}
         self.pending = (x, others) if others else None
         return outs[index]
-
-    def norm_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The norm's output for x; where NORM_WITH_LORA_A and the kernel apply, from the launch that computes the
-        group's h of it too, which `forward` then takes."""
-        norm = self.norm
-        if NORM_WITH_LORA_A and norm.weight.dtype == x.dtype and self.hands_over(x):
-            self.handed = lora_a.lora_a(x, self.a, norm=(norm.weight, norm.eps))
-            return self.handed[0]
-        return type(norm).forward(norm, x)
-
-    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """The MLP's activation of gate and up; where SILU_WITH_LORA_A and the kernel apply, from the launch that
-        computes the group's h of it too."""
-        if SILU_WITH_LORA_A and up.dtype == gate.dtype and up.shape == gate.shape and self.hands_over(gate):
-            self.handed = lora_a.lora_a(gate, self.a, up=up)
-            return self.handed[0]
-        return type(self.mlp).activation(self.mlp, gate, up)
-
-    def hands_over(self, x: torch.Tensor) -> bool:
-        """Whether the launch that makes the group's input x can compute its h too (lora_a's prologues)."""
-        return (any(self.ranks) and self.a is not None and self.a.dtype == x.dtype and not torch.is_grad_enabled()
-                and lora_a.supports(x, self.a))
 
     def kernel(self, x: torch.Tensor, h: torch.Tensor | None) -> list[torch.Tensor] | None:
         """Each member's output through one launch of nf4_matmul (up to its MAX_ROWS) or nf4_mma, or None where neither
@@ -198,14 +156,12 @@ def projection_groups(model) -> list[ProjectionGroup]:
     """The groups of every decoder layer whose members all have 4-bit bases without bias."""
     groups = []
     for layer in model.model.layers:
-        for holder, names, input_from in GROUPS:
+        for holder, names in GROUPS:
             parent = getattr(layer, holder, None)
             modules = [getattr(parent, n, None) for n in names]
             if any(m is None or _parts(m) is None for m in modules):
                 continue
-            maker = getattr(layer, input_from, None) if input_from else None
-            groups.append(ProjectionGroup(modules, norm=maker if input_from != "mlp" else None,
-                                          mlp=maker if input_from == "mlp" else None))
+            groups.append(ProjectionGroup(modules))
     return groups
 
 
@@ -216,16 +172,10 @@ def fused_projections(model, groups: list[ProjectionGroup], dtype: torch.dtype):
         group.refresh(dtype)
         for i, m in enumerate(group.modules):
             m.forward = lambda x, group=group, i=i: group.forward(i, x)
-        if group.norm is not None:
-            group.norm.forward = group.norm_forward
-        if group.mlp is not None:
-            group.mlp.activation = group.activation
     try:
         yield
     finally:
         for group in groups:
-            group.pending = group.handed = None
-            for m in group.modules + ([group.norm] if group.norm is not None else []):
+            group.pending = None
+            for m in group.modules:
                 del m.forward
-            if group.mlp is not None:
-                del group.mlp.activation

@@ -8,11 +8,6 @@ each adds its float32 partial [rows, R] into a workspace with atomics, and the p
 and leaves the workspace and its counter zero for the next call (so a CUDA graph can replay it), as nf4_mma does.
 On an H200 (bench_nf4_matmul.py, Llama-2-7B's groups, r 4) a decode step's h took 0.39 ms at one row against
 cuBLAS' 0.52, and 0.40 against 0.82 at 2 to 24 rows.
-
-With `norm` the kernel also computes the RMSNorm before the group (q/k/v, gate/up) in the same launch: each program
-sums the squares of its rows whole, normalises its own columns as kernels/norm_rope_silu.py's RMSNorm does (rounded
-where it rounds), writes them and multiplies them by A. With `up` it computes down's input, SiLU(gate) * up, as
-norm_rope_silu's SiluMul does, column by column. fused_projections hands that input and h over together.
 """
 import torch
 
@@ -29,10 +24,6 @@ MAX_RANK = 64
 BLOCK_K = 64
 BLOCKS_PER_PROGRAM = 4
 """K blocks of BLOCK_K one program sums: 16 programs at K 4,096, 43 at 11,008."""
-NORM, SILU = 1, 2
-"""The kernel's prologues: the RMSNorm of x; SiLU(x) * up."""
-NORM_TILE = 8192
-"""Elements of x the norm's sum of squares loads at a time: [BM rows, NORM_TILE / BM columns]."""
 _workspaces: dict = {}
 
 
@@ -52,69 +43,39 @@ def workspace(device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[key]
 
 
-def lora_a(x: torch.Tensor, a: torch.Tensor, norm: tuple[torch.Tensor, float] | None = None,
-           up: torch.Tensor | None = None):
-    """x [..., in] @ a^T, a [R, in]: [..., R] in x's dtype, accumulated in float32. Only where supports(x, a).
-
-    norm (the RMSNorm's weight, of x's dtype, and eps): (RMSNorm(x), RMSNorm(x) @ a^T) instead, from one launch.
-    up (of x's shape and dtype): (SiLU(x) * up, (SiLU(x) * up) @ a^T) instead, from one launch.
-    """
+def lora_a(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ a^T, a [R, in]: [..., R] in x's dtype, accumulated in float32. Only where supports(x, a)."""
     k = x.shape[-1]
-    x2, u2 = (t.reshape(-1, k) if t is not None else None for t in (x, up))
-    x2, u2 = (t.contiguous() if t is not None and t.stride(-1) != 1 else t for t in (x2, u2))
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
     rows, r = x2.shape[0], a.shape[0]
     h = torch.empty((rows, r), dtype=x.dtype, device=x.device)
-    prologue = NORM if norm is not None else SILU if up is not None else 0
-    made = torch.empty((rows, k), dtype=x.dtype, device=x.device) if prologue else h
-    weight, eps = norm if norm is not None else (x2, 0.0)
-    u2 = u2 if u2 is not None else x2
     ws, counter = workspace(x.device)
     splits = triton.cdiv(k, BLOCK_K * BLOCKS_PER_PROGRAM)
-    bm = max(16, triton.next_power_of_2(rows))
-    _lora_a_kernel[(splits,)](x2, a, h, ws, counter, weight, u2, made, rows, r, k, x2.stride(0), u2.stride(0),
-                              splits, eps, BM=bm, BR=max(16, triton.next_power_of_2(r)), BK=BLOCK_K,
-                              BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK, IEEE=x.dtype == torch.float32,
-                              PROLOGUE=prologue, NORM_BLOCK=NORM_TILE // bm, **pdl(x))
-    h = h.view(*x.shape[:-1], r)
-    return (made.view(x.shape), h) if prologue else h
+    _lora_a_kernel[(splits,)](x2, a, h, ws, counter, rows, r, k, x2.stride(0), splits,
+                              BM=max(16, triton.next_power_of_2(rows)), BR=max(16, triton.next_power_of_2(r)),
+                              BK=BLOCK_K, BLOCKS=BLOCKS_PER_PROGRAM, WS_COLS=MAX_RANK, IEEE=x.dtype == torch.float32,
+                              **pdl(x))
+    return h.view(*x.shape[:-1], r)
 
 
 if triton is not None:
     from . import grid_dependency
 
     @triton.jit
-    def _lora_a_kernel(x_ptr, a_ptr, h_ptr, ws_ptr, cnt_ptr, w_ptr, u_ptr, made_ptr, rows, r, k, stride_x, stride_u,
-                       splits, eps, BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BLOCKS: tl.constexpr,
-                       WS_COLS: tl.constexpr, IEEE: tl.constexpr, PROLOGUE: tl.constexpr, NORM_BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
+    def _lora_a_kernel(x_ptr, a_ptr, h_ptr, ws_ptr, cnt_ptr, rows, r, k, stride_x, splits, BM: tl.constexpr,
+                       BR: tl.constexpr, BK: tl.constexpr, BLOCKS: tl.constexpr, WS_COLS: tl.constexpr,
+                       IEEE: tl.constexpr, PDL: tl.constexpr):
         grid_dependency(PDL)
         part = tl.program_id(0)
         m = tl.arange(0, BM)
         n = tl.arange(0, BR)
-        if PROLOGUE == 1:  # the norm's 1 / rms of each row, over all its columns (every program alike)
-            squares = tl.zeros((BM,), dtype=tl.float32)
-            for c0 in range(0, k, NORM_BLOCK):
-                c = c0 + tl.arange(0, NORM_BLOCK)
-                xr = tl.load(x_ptr + m[:, None] * stride_x + c[None, :], mask=(m[:, None] < rows) & (c[None, :] < k),
-                             other=0.0).to(tl.float32)
-                squares += tl.sum(xr * xr, axis=1)
-            inv_rms = tl.rsqrt(squares / k + eps)
         acc = tl.zeros((BM, BR), dtype=tl.float32)
         for b in range(BLOCKS):
             kk = (part * BLOCKS + b) * BK + tl.arange(0, BK)
-            inside_x = (m[:, None] < rows) & (kk[None, :] < k)
-            xs = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :], mask=inside_x, other=0.0)
-            if PROLOGUE == 1:  # as norm_rope_silu's RMSNorm: x / rms rounded to x's dtype, times the weight, rounded
-                scaled = (xs.to(tl.float32) * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
-                wv = tl.load(w_ptr + kk, mask=kk < k, other=0.0).to(tl.float32)
-                xs = (wv[None, :] * scaled).to(x_ptr.dtype.element_ty)
-                tl.store(made_ptr + m[:, None] * k + kk[None, :], xs, mask=inside_x)
-            if PROLOGUE == 2:  # as norm_rope_silu's SiluMul: SiLU(gate) rounded to its dtype, times up, rounded
-                g = xs.to(tl.float32)
-                us = tl.load(u_ptr + m[:, None] * stride_u + kk[None, :], mask=inside_x, other=0.0).to(tl.float32)
-                silu = (g / (1.0 + tl.exp(-g))).to(x_ptr.dtype.element_ty).to(tl.float32)
-                xs = (silu * us).to(x_ptr.dtype.element_ty)
-                tl.store(made_ptr + m[:, None] * k + kk[None, :], xs, mask=inside_x)
+            xs = tl.load(x_ptr + m[:, None] * stride_x + kk[None, :], mask=(m[:, None] < rows) & (kk[None, :] < k),
+                         other=0.0)
             at = tl.load(a_ptr + n[None, :] * k + kk[:, None], mask=(n[None, :] < r) & (kk[:, None] < k), other=0.0)
             acc = tl.dot(xs, at, acc, input_precision="ieee" if IEEE else None)
         out = m[:, None] * WS_COLS + n[None, :]
