@@ -66,3 +66,27 @@ def test_dequantize_nf4_falls_back_to_bnb_on_cpu():
     packed, state = bnbF.quantize_4bit(torch.randn(64, 128), blocksize=64, compress_statistics=True,
                                        quant_type="nf4")
     assert torch.equal(dequantize_nf4(packed, state), bnbF.dequantize_4bit(packed, state))
+
+
+def test_programmatic_dependent_launch_is_asked_for_decoding_on_hopper_only(monkeypatch):
+    """kernels.pdl: on for a CUDA tensor of a compute-capability-9 card without autograd, where Triton has grid
+    dependency control; off with autograd (training), on an older card, on the CPU, or without it (faked here:
+    the CPU has no card)."""
+    import qlora_core.kernels as kernels
+
+    class OnCard:
+        is_cuda, device = True, torch.device("cpu")
+
+    capability = {"value": 9}
+    monkeypatch.setattr(kernels, "gdc_wait", object())
+    monkeypatch.setattr(kernels, "_capability", lambda index: capability["value"])
+    with torch.no_grad():
+        assert kernels.pdl(OnCard()) == {"PDL": True, "launch_pdl": True}
+        assert kernels.pdl(torch.zeros(1))["PDL"] is False
+        capability["value"] = 8
+        assert kernels.pdl(OnCard())["PDL"] is False
+        capability["value"] = 9
+        monkeypatch.setattr(kernels, "gdc_wait", None)
+        assert kernels.pdl(OnCard())["PDL"] is False
+        monkeypatch.setattr(kernels, "gdc_wait", object())
+    assert kernels.pdl(OnCard()) == {"PDL": False, "launch_pdl": False}  # autograd on: training's launches

@@ -20,8 +20,8 @@ def runs_on(x) -> bool:
 
 def pdl(x: torch.Tensor) -> dict:
     """A launch's arguments for programmatic dependent launch of a kernel over x (its PDL constexpr and Triton's
-    launch_pdl): on with a Triton that has it and a CUDA device of compute capability 9 or more (griddepcontrol is
-    an sm_90 instruction).
+    launch_pdl): on without autograd (decoding, evaluation; training's kernels launch as they were measured), with a
+    Triton that has it, on a CUDA device of compute capability 9 or more (griddepcontrol is an sm_90 instruction).
 
     The decode path's kernels of our own (nf4_matmul, nf4_mma, lora_a, the RMSNorm and SiLU-mul forwards,
     rope_into_cache, beam_reorder) launch so: each may start while the kernel before it runs, waits for that one to
@@ -30,7 +30,8 @@ def pdl(x: torch.Tensor) -> dict:
     one process) greedy decoding ran at 225.7 new tokens/s with it against 215.8 without, beam 3 at 165.3 against
     162.5, the job at 840.8 against 835.4.
     """
-    on = gdc_wait is not None and x.is_cuda and _capability(x.device.index or 0) >= 9
+    on = (gdc_wait is not None and x.is_cuda and not torch.is_grad_enabled()
+          and _capability(x.device.index or 0) >= 9)
     return {"PDL": on, "launch_pdl": on}
 
 
