@@ -6,7 +6,7 @@
 #                                                                                           -> $OUT/nf4_sweep.json
 #   adl    the ADL decoding benchmark, ours vs transformers + peft + bitsandbytes           -> $OUT/decode.json
 #   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each variant
-#          in AB_VARIANTS (module constants), on one model in one process                           -> $OUT/decode_ab.json
+#          in AB_VARIANTS (module constants), on one model in one process                   -> $OUT/decode_ab.json
 #   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
 #          REAL_VARIANTS (default: AB_VARIANTS' last); the GGUF is $GGUF, or
 #          /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's; ../shared/README.md)
@@ -22,7 +22,7 @@
 # ab and real, e.g. "--hf-job-prompts 16"). Stages have time limits (tests 330 s, nf4 120 s, sweep 300 s, real 210 s;
 # adl and ab what is left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
 BUDGET=${BUDGET:-580}
-JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches: 7 runs of ours (base + 6 variants) fit one call
+JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches: about 7 runs of ours (the base and 6 variants) fit one call
 AB_VARIANTS=${AB_VARIANTS:-}  # e.g. "qlora_core.generate.CACHE_BUCKET=64 qlora_core.generate.STOP_READ_LATE=False"
 REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last
 ab_flags=() real_flags=()
