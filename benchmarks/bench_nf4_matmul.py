@@ -6,9 +6,10 @@ For each group that decoding computes together (q/k/v, o, gate/up, down) and eac
 - `bnb`: what the plain path runs, `bnb.matmul_4bit` per weight (a GEMV for one row, dequantize + GEMM for more);
 - `dequant_gemm`: our one-kernel NF4 dequantization into a bf16 buffer, then a GEMM, per weight;
 - `mma`: qlora_core.kernels.nf4_mma, the tensor-core kernel, at rows <= 32 (with --sweep, each (weight tiles a
-  warp, warps, K split) in MMA_SWEEP);
+  warp, warps, K split, blocks an iteration) in MMA_SWEEP or --mma-configs);
 - `lora_a`, `lora_a_linear`: LoRA's h = x A^T of the group (its stacked A, rank r a member), by kernels/lora_a.py
   and by F.linear (cuBLAS), which decoding ran before (their GB/s column counts the NF4 weights: ignore it).
+Each kernel's first call is held to bitsandbytes + LoRA (max error at most 2% of the output's scale) before it is timed.
 Time is device time as decoding sees it: each side runs over `copies` distinct copies of the group's weights (enough
 that they hold at least --working-set-mib, so L2 does not keep them between calls) captured once in a CUDA graph;
 a replay's time over the copies is one call's. GB/s counts the packed weights and their 8-bit absmax codes, against
@@ -30,9 +31,10 @@ GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("
           "down": ("down_proj",)}
 SWEEP = [(4, 4, 4), (2, 4, 4), (1, 4, 4), (4, 2, 4), (2, 2, 4), (2, 4, 8), (4, 4, 2), (1, 2, 4)]
 """(R weight rows, T words a thread, warps) tried by --sweep."""
-MMA_SWEEP = [(mt, warps, split) for mt in (1, 2, 4) for warps in (4, 8) for split in (None, 4)]
-"""(16-row weight tiles a warp, warps, parts of K) the tensor-core kernel (`mma`) is tried with by --sweep (split
-None: its own choice)."""
+MMA_SWEEP = ([(mt, warps, split, None) for mt in (1, 2, 4) for warps in (4, 8) for split in (None, 4)]
+             + [(1, 4, None, unroll) for unroll in (1, 2)])
+"""(16-row weight tiles a warp, warps, parts of K, blocks an iteration loads) the tensor-core kernel (`mma`) is tried
+with by --sweep (None: its own choice); --mma-configs replaces them."""
 
 
 def projection_shapes(cfg) -> dict:
@@ -75,8 +77,14 @@ def main():
     ap.add_argument("--bandwidth", type=float, default=4800.0, help="the card's memory bandwidth, GB/s (H200: 4800)")
     ap.add_argument("--working-set-mib", type=int, default=512,
                     help="the weights' copies a timed graph reads hold at least this much (H100/H200 L2: 50 MiB)")
+    ap.add_argument("--mma-configs", default=None, metavar="MT:WARPS:SPLIT:UNROLL,...",
+                    help="the mma configurations --sweep tries instead of MMA_SWEEP (SPLIT None: its own choice); "
+                    "the kernel's SWEEP is then left out")
+    ap.add_argument("--only", default=None, help="time only these implementations (comma-separated)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    mma_sweep = MMA_SWEEP if args.mma_configs is None else [
+        tuple(None if v == "None" else int(v) for v in c.split(":")) for c in args.mma_configs.split(",")]
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     import bitsandbytes as bnb
@@ -125,17 +133,26 @@ def main():
                     impls += [("lora_a", None, lambda i: lora_a.lora_a(x, a)),
                               ("lora_a_linear", None, lambda i: F.linear(x, a))]
                 if nf4.supports(x, members):
-                    configs = [None] + (SWEEP if args.sweep else [])
+                    configs = [None] + (SWEEP if args.sweep and not args.mma_configs else [])
                     impls += [("kernel", c, lambda i, c=c: nf4.nf4_matmul(x, sets[i], h, bs, ranks, config=c))
                               for c in configs]
                 if nf4_mma.supports(x, members):
-                    configs = [None] + (MMA_SWEEP if args.sweep else [])
+                    configs = [None] + (mma_sweep if args.sweep else [])
                     impls += [("mma", c, lambda i, c=c: nf4_mma.nf4_mma(
-                        x, sets[i], h, bs, ranks, **dict(zip(("mt", "warps", "split"), c or ()))))
+                        x, sets[i], h, bs, ranks, **dict(zip(("mt", "warps", "split", "unroll"), c or ()))))
                               for c in configs]
+                if args.only:
+                    impls = [i for i in impls if i[0] in args.only.split(",")]
+                ref = torch.cat(plain(0), dim=-1).float()  # bnb + LoRA, which the kernels' first calls are held to
+                ref += torch.cat([h[:, args.r * j:args.r * (j + 1)].float() @ b.float().t() for j, b in enumerate(bs)],
+                                 dim=-1)
                 for impl, config, fn in impls:
                     try:
-                        fn(0)
+                        out = fn(0)
+                        if impl in ("kernel", "mma"):
+                            err = (out.float() - ref).abs().max().item() / ref.abs().max().item()
+                            if err > 0.02:
+                                raise RuntimeError(f"max error {err:.3g} of the output's scale")
                         ms = graph_us(fn, len(sets)) / 1000
                     except Exception as e:
                         log(f"{impl} {config} {group} rows {rows}: failed: {type(e).__name__}: {e}")

@@ -507,10 +507,12 @@ def nf4_bf16_code_reference(x, layers, h, bs, ranks):
     return torch.cat(outs, dim=-1)
 
 
-@pytest.mark.parametrize("rows,mt,warps,split", [
-    *[(rows, None, 4, split) for rows in (1, 3, 8, 9, 24, 32) for split in (None, 1, 3)],  # the defaults
-    *[(rows, mt, warps, split) for rows in (1, 9, 32)  # the sweep's tiles a warp and warps, one x tile of each size
-      for mt, warps, split in ((2, 4, None), (2, 4, 3), (4, 4, None), (4, 4, 3), (2, 8, None), (4, 8, 3))]])
+@pytest.mark.parametrize("rows,mt,warps,split,unroll", [
+    *[(rows, None, 4, split, None) for rows in (1, 3, 8, 9, 24, 32) for split in (None, 1, 3)],  # the defaults
+    *[(rows, mt, warps, split, None) for rows in (1, 9, 32)  # the sweep's tiles a warp and warps, each x tile size
+      for mt, warps, split in ((2, 4, None), (2, 4, 3), (4, 4, None), (4, 4, 3), (2, 8, None), (4, 8, 3))],
+    *[(rows, 1, 4, split, unroll) for rows in (1, 9, 32)  # blocks an iteration loads (splits past K's end)
+      for split, unroll in ((None, 1), (3, 1), (None, 2), (3, 2), (1, 4), (3, 4))]])
 @pytest.mark.parametrize("shapes,ranks", [
     ([(96, 640), (40, 640), (40, 640)], [4, 0, 8]),  # a partial tile, a segment without LoRA, K = 10 blocks
     ([(200, 1088)], [4]),                            # K = 17 blocks: splits of unequal length
@@ -518,14 +520,14 @@ def nf4_bf16_code_reference(x, layers, h, bs, ranks):
     ([(11008, 4096), (11008, 4096)], [4, 4]),        # its gate/up
     ([(4096, 11008)], [4]),                          # its down
 ])
-def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, mt, warps, split, shapes, ranks):
+def test_nf4_mma_kernel_matches_the_bf16_code_reference(rows, mt, warps, split, unroll, shapes, ranks):
     from qlora_core.kernels import nf4_mma
     layers, bs, x, h = nf4_group(shapes, ranks, rows)
     assert nf4_mma.supports(x, layers)
     ref = nf4_bf16_code_reference(x, layers, h, bs, ranks)
     with torch.inference_mode():
         for _ in range(2):  # the second call finds the workspace and counters zero again
-            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split, mt=mt, warps=warps)
+            y = nf4_mma.nf4_mma(x, layers, h, bs, ranks, split=split, mt=mt, warps=warps, unroll=unroll)
             err = (y.float() - ref).abs()
             bound = 2.0 ** -8 * ref.abs() + 1e-4 * ref.abs().max()
             assert (err <= bound).all(), ((err - bound).max(), ref.abs().max())

@@ -90,3 +90,15 @@ def test_programmatic_dependent_launch_is_asked_for_decoding_on_hopper_only(monk
         assert kernels.pdl(OnCard())["PDL"] is False
         monkeypatch.setattr(kernels, "gdc_wait", object())
     assert kernels.pdl(OnCard()) == {"PDL": False, "launch_pdl": False}  # autograd on: training's launches
+
+
+@pytest.mark.parametrize("blocks", [1, 4, 10, 17, 64, 172])
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+@pytest.mark.parametrize("split", [None, 1, 3, 16])
+def test_nf4_mma_splits_k_into_whole_iterations_and_no_empty_part(blocks, unroll, split):
+    from qlora_core.kernels.nf4_mma import split_plan
+    parts, per_part = split_plan(blocks, tiles=64, unroll=unroll, split=split)
+    starts = [p * per_part for p in range(parts)]
+    ends = [min(s + per_part, blocks) for s in starts]
+    assert per_part % unroll == 0 and all(s < e for s, e in zip(starts, ends)) and ends[-1] == blocks
+    assert split is None or parts <= split
