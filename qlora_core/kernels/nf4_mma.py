@@ -44,7 +44,8 @@ UNROLL = 4
 """Blocks of 64 k a loop iteration loads at once (1, 2 or 4). On an H100 (bench_nf4_matmul.py, one run, Llama-2-7B's
 groups) a layer's four groups took 110.8 us at 3 rows against 131.9 for one block an iteration (gate/up 44.1 against
 68.4), and 181.3 against 193.2 at 24 rows; 2 blocks took 134.7 and 186.8. That is with one 16-row tile a warp (MT);
-more tiles a warp take one block an iteration by default, as with 4 their registers spill at 32 rows (offline SASS)."""
+more tiles a warp take one block an iteration by default: 4 blocks of 4 tiles a warp spill registers at 32 rows
+(offline SASS)."""
 MT = {8: 1, 16: 1, 32: 1}
 """x rows padded (8, 16, 32) -> 16-row weight tiles a warp multiplies by each block of x it loads."""
 
