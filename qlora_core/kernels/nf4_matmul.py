@@ -81,13 +81,19 @@ def nf4_matmul(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, 
     if split is None:  # at one row, enough programs for the card where the output is narrow and K long (down)
         split = max(1, min(blocks // (MIN_SPLIT_ITERATIONS * per_iteration), -(-TARGET_PROGRAMS // tiles)))
         split = split if rows == 1 else 1
-    per_split = -(-(-(-blocks // split)) // per_iteration) * per_iteration  # whole iterations a split
-    split = -(-blocks // per_split)
+    split, per_split = whole_iterations(blocks, split, per_iteration)
     ws, counters = workspace(x.device, y.shape[1], tiles)
     _kernel[(tiles, split)](x2, y, h2, lut, ws, counters, *seg, rows, k, h2.stride(0), y.stride(0), per_split,
                             BM=_pow2(rows), R=r_cfg, T=t_cfg, W=warps, L5=_layout(_pow2(rows), r_cfg, t_cfg, warps),
                             SPLIT=split, num_warps=warps, **pdl(x))
     return y.view(*x.shape[:-1], y.shape[1])
+
+
+def whole_iterations(blocks: int, split: int, per_iteration: int) -> tuple[int, int]:
+    """(parts, blocks a part): K's blocks in at most `split` parts of whole loop iterations of per_iteration blocks
+    (the last part may be shorter), none empty. Shared with nf4_mma."""
+    per_split = -(-(-(-blocks // split)) // per_iteration) * per_iteration
+    return -(-blocks // per_split), per_split
 
 
 def launch_args(x: torch.Tensor, layers, h, bs, ranks, block_n: int, weight_dtype: torch.dtype):

@@ -27,7 +27,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 import torch
 
 from . import pdl
-from .nf4_matmul import TARGET_PROGRAMS, WORKSPACE_ROWS, fits, launch_args, workspace
+from .nf4_matmul import TARGET_PROGRAMS, WORKSPACE_ROWS, fits, launch_args, whole_iterations, workspace
 
 try:
     from triton.experimental import gluon
@@ -99,8 +99,7 @@ def split_plan(blocks: int, tiles: int, unroll: int, split: int | None = None) -
     last, and none empty."""
     if split is None:
         split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
-    per_split = -(-(-(-blocks // split)) // unroll) * unroll
-    return -(-blocks // per_split), per_split
+    return whole_iterations(blocks, split, unroll)
 
 
 def _layouts(bm: int, warps: int, mt: int, unroll: int):
@@ -114,9 +113,9 @@ def _layouts(bm: int, warps: int, mt: int, unroll: int):
     m_regs = [[8 * 2 ** i, 0] for i in range((bm // 8).bit_length() - 1)]
     bn = 16 * warps * mt
 
-    def bytes_(n, per_block):
+    def bytes_(n):
         return gl.DistributedLinearLayout(
-            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]] + [[0, per_block * 2 ** i] for i in n] + tile_rows,
+            reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]] + [[0, 32 * 2 ** i] for i in n] + tile_rows,
             lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]], warp_bases=warp_rows, block_bases=[],
             shape=[bn, 32 * 2 ** len(n)])
 
@@ -129,7 +128,7 @@ def _layouts(bm: int, warps: int, mt: int, unroll: int):
     scales = gl.DistributedLinearLayout(reg_bases=[[0, 2 ** i] for i in u_bits] + [[8, 0]] + tile_rows,
                                         lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
                                         warp_bases=warp_rows, block_bases=[], shape=[bn, unroll])
-    return bytes_(range(0), 32), x_(range(0)), bytes_(u_bits, 32), x_(u_bits), scales
+    return bytes_(range(0)), x_(range(0)), bytes_(u_bits), x_(u_bits), scales
 
 
 def _asm_lane(copies: int) -> str:
