@@ -23,8 +23,10 @@ share of new-token positions where the timed path's tokens equal our eager path'
 groups: each layer's own forward) on the same prompts; bf16 can flip near-ties, and every token after a flip
 follows it. Ours' greedy row also says `agree_forced`: the share of its tokens that are the argmax of the model's
 own forward over the prompt and the tokens before them (teacher forcing, so a flip counts once). Random weights give
-nearly flat logits, whose near-ties bf16 flips; `--model DIR` runs a checkpoint of real weights instead (the prompts
-are still random tokens), and `--lora-b-std` gives the adapter a nonzero B, so the LoRA terms count too.
+nearly flat logits, whose near-ties bf16 flips; `--model DIR` runs a checkpoint of real weights instead, with
+`--text-prompts` real text as prompts (else random tokens, on which even real weights give flat logits), and
+`--lora-b-std` gives the adapter a nonzero B, so the LoRA terms count too. `flip_gap_ulps` says how near those ties
+were: where a forced token is not the argmax, the largest gap between their logits, in bf16 steps.
 
     python benchmarks/bench_generate.py --preset llama-2-7b --out generate.json                         # on a GPU
     python benchmarks/bench_generate.py --workload adl --out benchmarks/results/decode.json              # on a GPU
@@ -167,6 +169,20 @@ def adl_prompts(lengths_path, n: int, vocab_size: int, seed: int) -> list[list[i
     return [[1] + [rng.randrange(3, vocab_size) for _ in range(rng.choice(lengths) - 1)] for _ in range(n)]
 
 
+def text_prompts(path, model_dir, n: int) -> list[list[int]]:
+    """n prompts of real text: each record's instruction (qlora_core.data.load_records' checks) in the ADL prompt
+    template, BOS first, tokenized by the checkpoint's own tokenizer; the records in order, again from the first
+    when n is more."""
+    from qlora_core.data import load_records
+    from qlora_core.prompts import format_prompt
+    from qlora_core.tokenizer import load_tokenizer
+    if model_dir is None:
+        raise SystemExit("--text-prompts needs --model (the checkpoint's tokenizer)")
+    tok = load_tokenizer(model_dir)
+    records = load_records(path, require_output=False)
+    return [[tok.bos_id] + tok.encode(format_prompt(records[i % len(records)]["instruction"])) for i in range(n)]
+
+
 def spread(batches: list, n_prompts: int) -> list:
     """The fewest whole batches, evenly spaced over the job, that hold at least n_prompts prompts (all of them if
     the job has no more)."""
@@ -183,17 +199,28 @@ def equal_positions(a: list[list[int]], b: list[list[int]]) -> float:
     return sum(p == q for x, y in zip(a, b) for p, q in zip(x, y)) / max(total, 1)
 
 
-def forced_agreement(model, prompts: list[list[int]], tokens: list[list[int]]) -> float:
-    """The share of new-token positions where the token is the argmax of the model's forward (no cache, each
-    layer's own forward) over its prompt and the tokens before it."""
+def forced_agreement(model, prompts: list[list[int]], tokens: list[list[int]]) -> dict:
+    """{"agree_forced": the share of new-token positions where the token is the argmax of the model's forward (no
+    cache, each layer's own forward) over its prompt and the tokens before it, "flip_gap_ulps": at the positions
+    where it is not, the largest gap between that argmax's logit and the token's, in bf16 steps (ulps) at the
+    argmax's logit: a flip of a near-tie is a step or two}."""
     same = total = 0
+    gap = 0.0
     device = next(model.parameters()).device
     with torch.inference_mode():
         for prompt, new in zip(prompts, tokens):
-            logits = model(torch.tensor([prompt + new[:-1]], device=device))[0, len(prompt) - 1:]
-            same += sum(a == b for a, b in zip(logits.argmax(-1).tolist(), new))
+            logits = model(torch.tensor([prompt + new[:-1]], device=device))[0, len(prompt) - 1:].float()
+            best = logits.argmax(-1)
+            picked = torch.tensor(new, device=device)
+            same += (best == picked).sum().item()
             total += len(new)
-    return same / max(total, 1)
+            top = logits.gather(-1, best[:, None])[:, 0]
+            flips = best != picked
+            if flips.any():
+                ulp = 2.0 ** (torch.floor(torch.log2(top[flips].abs().clamp(min=2.0 ** -126))) - 7)  # bf16: 8 bits
+                gaps = (top[flips] - logits.gather(-1, picked[:, None])[:, 0][flips]) / ulp
+                gap = max(gap, gaps.max().item())
+    return {"agree_forced": same / max(total, 1), "flip_gap_ulps": gap}
 
 
 def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list, save) -> None:
@@ -255,8 +282,9 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
             rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
         if impl == "ours" and mode == "greedy":
-            rows[-1]["agree_forced"] = forced_agreement(model, [p for b in work for p in b], timed)
-            log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%}")
+            rows[-1].update(forced_agreement(model, [p for b in work for p in b], timed))
+            log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%} (the "
+                f"largest gap where not: {rows[-1]['flip_gap_ulps']:.1f} bf16 steps)")
         if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
             first = work[0]
             with cuda_timer(device) as t:
@@ -267,7 +295,9 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
 
 
 def adl_workload(args, impls, cfg, model_dir):
-    prompts = adl_prompts(args.lengths, args.single_prompts + args.job_prompts, cfg.vocab_size, args.seed)
+    n = args.single_prompts + args.job_prompts
+    prompts = (text_prompts(args.text_prompts, model_dir if args.model else None, n) if args.text_prompts
+               else adl_prompts(args.lengths, n, cfg.vocab_size, args.seed))
     single, job = prompts[:args.single_prompts], prompts[args.single_prompts:]
     rows = []
 
@@ -291,7 +321,8 @@ def adl_workload(args, impls, cfg, model_dir):
         if r.get("variant") and base and "new_tokens_per_s" in r:
             r["variant/base"] = r["new_tokens_per_s"] / base["new_tokens_per_s"]
     report(args, rows, ["impl", "variant", "variant/base", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts",
-                        "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "gpu_busy",
+                        "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "flip_gap_ulps",
+                        "gpu_busy",
                         "cold_s", "load_s", "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir, "decode",
            prompt_lengths=[len(p) for p in prompts])
 
@@ -318,6 +349,8 @@ def main():
                     "(default: %(default)s)")
     ap.add_argument("--model", metavar="DIR", help="a checkpoint directory of real weights (e.g. written by python "
                     "-m qlora_core.convert X.gguf DIR) instead of random ones at --preset's shape")
+    ap.add_argument("--text-prompts", metavar="JSONL", help="adl, with --model: prompts of real text instead of random "
+                    "tokens: the records' instructions in the ADL template (e.g. qlora_core/default_data/eval.jsonl)")
     ap.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE[,...]",
                     help="adl: after ours' rows, ours again with these constants set (a variant; repeatable), on the "
                     "same model in the same process: rows with `variant` and `variant/base`")

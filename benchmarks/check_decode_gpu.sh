@@ -7,7 +7,8 @@
 #   adl    the ADL decoding benchmark, ours vs transformers + peft + bitsandbytes           -> $OUT/decode.json
 #   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each variant
 #          in AB_VARIANTS (module constants), on one model in one process                   -> $OUT/decode_ab.json
-#   real   ours' fast path against its eager one on SmolLM2-135M's real weights (equal_eager), as it is and under
+#   real   ours' fast path against its eager one on SmolLM2-135M's real weights and real text (equal_eager; the
+#          prompts are qlora_core/default_data/eval.jsonl's instructions in the ADL template), as it is and under
 #          REAL_VARIANTS (default: AB_VARIANTS' last); the GGUF is $GGUF, or
 #          /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's; ../shared/README.md)
 #                                                                                           -> $OUT/decode_real.json
@@ -71,7 +72,8 @@ for stage in "${stages[@]}"; do
         || { echo "no SmolLM2 GGUF (set GGUF, or carry its two parts)" | tee -a "$OUT/log.txt"; status=1; continue; }
       timeout 60 "$PYTHON" -m qlora_core.convert "$gguf" /tmp/smollm2 2>&1 | tail -1 | tee -a "$OUT/log.txt" \
         && timeout 150 "$PYTHON" -u benchmarks/bench_generate.py --workload adl --model /tmp/smollm2 --impls ours \
-          --lora-b-std 0.02 --modes greedy,beam3 --single-prompts 8 --lengths "$LENGTHS" "${real_flags[@]}" \
+          --lora-b-std 0.02 --modes greedy,beam3 --single-prompts 8 --text-prompts qlora_core/default_data/eval.jsonl \
+          "${real_flags[@]}" \
           --out "$OUT/decode_real.json" ${ADL_ARGS:-} 2>&1 | grep -E "Error|error|^\| ours" | tee -a "$OUT/log.txt" \
         || status=1 ;;
     *) echo "unknown stage $stage (tests, nf4, sweep, adl, ab, real)"; exit 2 ;;

@@ -33,9 +33,35 @@ def test_forced_agreement_counts_the_tokens_the_models_own_forward_picks(tmp_pat
     model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
     prompts = [[1, 5, 9, 3], [1, 7]]
     tokens = generate(model, prompts, 6)
-    assert forced_agreement(model, prompts, tokens) == 1.0
+    assert forced_agreement(model, prompts, tokens) == {"agree_forced": 1.0, "flip_gap_ulps": 0.0}
     changed = [tokens[0], tokens[1][:-1] + [(tokens[1][-1] + 1) % 32]]
-    assert forced_agreement(model, prompts, changed) == 11 / 12
+    got = forced_agreement(model, prompts, changed)
+    assert got["agree_forced"] == 11 / 12
+    with torch.no_grad():  # the flipped position's gap, over the bf16 step at its top logit (by nextafter)
+        logits = model(torch.tensor([prompts[1] + changed[1][:-1]]))[0, -1].double()
+    top = torch.tensor(logits.max().item(), dtype=torch.bfloat16)
+    step = (torch.nextafter(top, top + top.sign()) - top).abs().double()
+    assert abs(got["flip_gap_ulps"] - (logits.max() - logits[changed[1][-1]]).item() / step.item()) < 1e-3
+
+
+def test_text_prompts_are_the_records_in_the_adl_template_by_the_checkpoints_tokenizer(tmp_path):
+    """BOS, then the instruction in the ADL template, by SentencePiece itself; the records again from the first when
+    more prompts are asked for; without --model there is no tokenizer to ask."""
+    import pytest
+    import sentencepiece
+
+    from bench_generate import text_prompts
+    from qlora_core.prompts import format_prompt
+    shipped = ROOT / "qlora_core" / "default_data"
+    (tmp_path / "tokenizer.model").write_bytes((shipped / "tokenizer.model").read_bytes())
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in ("翻譯成文言文：\n他說", "Hello")),
+                    encoding="utf-8")
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(shipped / "tokenizer.model"))
+    want = [[sp.bos_id()] + sp.encode(format_prompt(t)) for t in ("翻譯成文言文：\n他說", "Hello")]
+    assert text_prompts(data, tmp_path, 3) == want + want[:1]
+    with pytest.raises(SystemExit, match="--model"):
+        text_prompts(data, None, 1)
 
 
 def test_equal_positions_counts_every_position_of_the_longer_row():
