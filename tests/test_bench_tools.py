@@ -4,15 +4,18 @@ import json
 import sys
 from types import SimpleNamespace
 
+import pytest
+import sentencepiece
 import torch
 
 from conftest import ROOT, write_checkpoint
 from qlora_core import load_model
 from qlora_core.generate import generate
+from qlora_core.prompts import format_prompt
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_generate  # noqa: E402
-from bench_generate import equal_positions, forced_agreement, spread  # noqa: E402
+from bench_generate import equal_positions, forced_agreement, spread, text_prompts  # noqa: E402
 from scale_results import merge  # noqa: E402
 
 
@@ -47,11 +50,6 @@ def test_forced_agreement_counts_the_tokens_the_models_own_forward_picks(tmp_pat
 def test_text_prompts_are_the_records_in_the_adl_template_by_the_checkpoints_tokenizer(tmp_path):
     """BOS, then the instruction in the ADL template, by SentencePiece itself; the records again from the first when
     more prompts are asked for; without --model there is no tokenizer to ask."""
-    import pytest
-    import sentencepiece
-
-    from bench_generate import text_prompts
-    from qlora_core.prompts import format_prompt
     shipped = ROOT / "qlora_core" / "default_data"
     (tmp_path / "tokenizer.model").write_bytes((shipped / "tokenizer.model").read_bytes())
     data = tmp_path / "eval.jsonl"
