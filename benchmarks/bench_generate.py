@@ -323,8 +323,7 @@ def adl_workload(args, impls, cfg, model_dir):
     report(args, rows, ["impl", "variant", "variant/base", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts",
                         "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "flip_gap_ulps",
                         "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir,
-           "decode",
-           prompt_lengths=[len(p) for p in prompts])
+           "decode", prompt_lengths=[len(p) for p in prompts])
 
 
 def main():
