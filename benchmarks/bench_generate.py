@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
-                    measure, peak_gib, report, reset_peak, settings_applied, setup, write_json)
+                    measure, peak_gib, report, reset_peak, settings_applied, setup, split_settings, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -233,7 +233,7 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
     for i, variant in enumerate([""] + (args.ab if impl == "ours" else [])):
         if i:
             release_decode_state(model)  # the steps captured under other settings
-        with settings_applied([v for v in variant.split(",") if v]):
+        with settings_applied(split_settings(variant)):
             adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant,
                       f"{impl}_variant{i}" if i else impl)
     del model, gen

@@ -8,6 +8,7 @@ import dataclasses
 import gc
 import json
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,12 @@ def apply_settings(settings: list[str]) -> list:
         setattr(module, name, ast.literal_eval(value))
         log(f"set {target} = {getattr(module, name)!r}")
     return undo
+
+
+def split_settings(variant: str) -> list[str]:
+    """--ab's MODULE.NAME=VALUE,... as its settings: split at the commas that start another NAME=, so that a value
+    may be a literal with commas of its own (a tuple, a dict)."""
+    return [item for item in re.split(r",(?=[A-Za-z_][\w.]*=)", variant.strip(",")) if item]
 
 
 @contextmanager
