@@ -109,7 +109,8 @@ def test_set_changes_an_existing_module_constant_and_refuses_anything_else(monke
     settings split where another NAME= starts, so that a value may hold commas."""
     import qlora_core.generate as gen
     from common import apply_settings, settings_applied, split_settings
-    assert split_settings("a.B={1: (4, 2, 4), 2: (4, 4, 4)},c_d.E=0,") == ["a.B={1: (4, 2, 4), 2: (4, 4, 4)}", "c_d.E=0"]
+    assert split_settings("a.B={1: (4, 2, 4), 2: (4, 4, 4)},c_d.E=0,") == ["a.B={1: (4, 2, 4), 2: (4, 4, 4)}",
+                                                                          "c_d.E=0"]
     monkeypatch.setattr(gen, "CACHE_BUCKET", gen.CACHE_BUCKET)  # restored after the test
     apply_settings(["qlora_core.generate.CACHE_BUCKET=64"])
     assert gen.CACHE_BUCKET == 64
