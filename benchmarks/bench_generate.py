@@ -170,17 +170,16 @@ def adl_prompts(lengths_path, n: int, vocab_size: int, seed: int) -> list[list[i
 
 
 def text_prompts(path, model_dir, n: int) -> list[list[int]]:
-    """n prompts of real text: each record's instruction (qlora_core.data.load_records' checks) in the ADL prompt
-    template, BOS first, tokenized by the checkpoint's own tokenizer; the records in order, again from the first
-    when n is more."""
+    """n prompts of real text: each record's instruction (qlora_core.data.load_records' checks) as infer.py prompts
+    it (generate.build_prompts: BOS, then the ADL template), by the checkpoint's own tokenizer; the records in order,
+    again from the first when n is more."""
     from qlora_core.data import load_records
-    from qlora_core.prompts import format_prompt
+    from qlora_core.generate import build_prompts
     from qlora_core.tokenizer import load_tokenizer
     if model_dir is None:
         raise SystemExit("--text-prompts needs --model (the checkpoint's tokenizer)")
-    tok = load_tokenizer(model_dir)
     records = load_records(path, require_output=False)
-    return [[tok.bos_id] + tok.encode(format_prompt(records[i % len(records)]["instruction"])) for i in range(n)]
+    return build_prompts(load_tokenizer(model_dir), [records[i % len(records)]["instruction"] for i in range(n)])
 
 
 def spread(batches: list, n_prompts: int) -> list:
@@ -210,11 +209,10 @@ def forced_agreement(model, prompts: list[list[int]], tokens: list[list[int]]) -
     with torch.inference_mode():
         for prompt, new in zip(prompts, tokens):
             logits = model(torch.tensor([prompt + new[:-1]], device=device))[0, len(prompt) - 1:].float()
-            best = logits.argmax(-1)
+            top, best = logits.max(-1)
             picked = torch.tensor(new, device=device)
             same += (best == picked).sum().item()
             total += len(new)
-            top = logits.gather(-1, best[:, None])[:, 0]
             flips = best != picked
             if flips.any():
                 ulp = 2.0 ** (torch.floor(torch.log2(top[flips].abs().clamp(min=2.0 ** -126))) - 7)  # bf16: 8 bits
@@ -296,7 +294,7 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
 
 def adl_workload(args, impls, cfg, model_dir):
     n = args.single_prompts + args.job_prompts
-    prompts = (text_prompts(args.text_prompts, model_dir if args.model else None, n) if args.text_prompts
+    prompts = (text_prompts(args.text_prompts, args.model, n) if args.text_prompts
                else adl_prompts(args.lengths, n, cfg.vocab_size, args.seed))
     single, job = prompts[:args.single_prompts], prompts[args.single_prompts:]
     rows = []
