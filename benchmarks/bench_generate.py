@@ -38,6 +38,7 @@ were: where a forced token is not the argmax, the largest gap between their logi
 """
 import json
 import random
+import statistics
 from pathlib import Path
 
 import torch
@@ -228,18 +229,22 @@ def adl_impl(impl, model_dir, device, args, single: list, job: list, rows: list,
     log(f"{impl}: loading")
     with cuda_timer(device) as load_t:
         model, gen = load(impl, model_dir, device, args)
-    for i, variant in enumerate([""] + (args.ab if impl == "ours" else [])):
-        if i:
+    variants = list(enumerate([""] + (args.ab if impl == "ours" else [])))
+    rounds = args.ab_rounds if len(variants) > 1 else 1
+    schedule = [(r, *v) for r in range(rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
+    for round_, i, variant in schedule:
+        if len(variants) > 1:
             release_decode_state(model)  # the steps captured under other settings
         with settings_applied(split_settings(variant)):
             adl_modes(impl, model, gen, device, args, single, job, rows, save, load_t["s"], variant,
-                      f"{impl}_variant{i}" if i else impl)
+                      f"{impl}_variant{i}" if i else impl, round_)
     del model, gen
 
 
 def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: float, variant: str,
-              name: str) -> None:
-    """adl_impl's rows of one variant (name: for the profile's files)."""
+              name: str, round_: int = 0) -> None:
+    """adl_impl's rows of one variant (name: for the profile's files) in one --ab round; the checks of its tokens
+    (equal_eager, agree_forced) and the profile only in the first round."""
     from qlora_core.generate import length_batches
     hf = impl == "hf"
     batches = [[job[i] for i in b] for b in length_batches(job, args.batch_size)]
@@ -270,26 +275,40 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
             gen(batches[0], beams)
         n_prompts = sum(len(b) for b in work)
         total = len(single) if mode != "job" else len(job)
-        rows.append({"impl": impl, "variant": variant, "mode": mode, "batch": batch, "num_beams": beams,
-                     "new_tokens_per_s": n_prompts * args.new_tokens / t["s"], "seconds": t["s"],
+        rows.append({"impl": impl, "variant": variant, "round": round_, "mode": mode, "batch": batch,
+                     "num_beams": beams, "new_tokens_per_s": n_prompts * args.new_tokens / t["s"], "seconds": t["s"],
                      "prompts": n_prompts, "extrapolated": n_prompts < total,
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
                      **peak_gib(device), "cold_s": cold, "load_s": load_s})
         log(f"{impl} {variant} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
-        if impl == "ours" and mode != "job":
+        if impl == "ours" and mode != "job" and not round_:
             rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
-        if impl == "ours" and mode == "greedy":
+        if impl == "ours" and mode == "greedy" and not round_:
             rows[-1].update(forced_agreement(model, [p for b in work for p in b], timed))
             log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%} (the "
                 f"largest gap where not: {rows[-1]['flip_gap_ulps']:.1f} bf16 steps)")
-        if args.profile:  # where the first batch's time goes: device busy over wall time, and the busiest kernels
+        if args.profile and not round_:  # where the first batch's time goes: device busy / wall, the busiest kernels
             first = work[0]
             with cuda_timer(device) as t:
                 gen(first, beams)
             rows[-1].update(gpu_busy(lambda: gen(first, beams), t["s"], device,
                                      table=f"{args.profile}/profile_{name}_{mode}.txt"))
         save()
+
+
+def variant_ratios(rows: list[dict]) -> None:
+    """Give ours' rows of each --ab variant `variant/base`: the variant's median new tokens/s over its rounds, against
+    the median of ours as it is, in the same mode and process."""
+    def median_rate(variant, mode):
+        rates = [r["new_tokens_per_s"] for r in rows if r["impl"] == "ours" and r.get("variant") == variant
+                 and r.get("mode") == mode and "new_tokens_per_s" in r]
+        return statistics.median(rates) if rates else None
+
+    for r in rows:
+        if r["impl"] == "ours" and r.get("variant") and "new_tokens_per_s" in r:
+            base = median_rate("", r["mode"])
+            r["variant/base"] = median_rate(r["variant"], r["mode"]) / base if base else None
 
 
 def adl_workload(args, impls, cfg, model_dir):
@@ -313,15 +332,11 @@ def adl_workload(args, impls, cfg, model_dir):
             save()
         free_memory(args.device)
     add_ratios(rows, ["new_tokens_per_s", "peak_alloc_gib"], match=("mode",))
-    for r in rows:  # a variant against ours as it is, in the same process
-        base = next((o for o in rows if o["impl"] == "ours" and not o.get("variant") and o.get("mode") == r.get("mode")
-                     and "new_tokens_per_s" in o), None)
-        if r.get("variant") and base and "new_tokens_per_s" in r:
-            r["variant/base"] = r["new_tokens_per_s"] / base["new_tokens_per_s"]
-    report(args, rows, ["impl", "variant", "variant/base", "mode", "batch", "num_beams", "new_tokens_per_s", "prompts",
-                        "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced", "flip_gap_ulps",
-                        "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir,
-           "decode", prompt_lengths=[len(p) for p in prompts])
+    variant_ratios(rows)
+    report(args, rows, ["impl", "variant", "variant/base", "round", "mode", "batch", "num_beams", "new_tokens_per_s",
+                        "prompts", "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced",
+                        "flip_gap_ulps", "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s",
+                        "ours/peak_alloc_gib"], cfg, model_dir, "decode", prompt_lengths=[len(p) for p in prompts])
 
 
 def main():
@@ -351,6 +366,9 @@ def main():
     ap.add_argument("--ab", action="append", default=[], metavar="MODULE.NAME=VALUE[,...]",
                     help="adl: after ours' rows, ours again with these constants set (a variant; repeatable), on the "
                     "same model in the same process: rows with `variant` and `variant/base`")
+    ap.add_argument("--ab-rounds", type=int, default=1,
+                    help="adl, with --ab: run ours and its variants this many times, every other round in reverse "
+                    "order (A B B A ...), so that a drift over the run favours none; variant/base compares medians")
     ap.add_argument("--lora-b-std", type=float, default=0.0,
                     help="ours: LoRA's B drawn normal(0, this) instead of zero, so the adapter changes the outputs")
     args = ap.parse_args()

@@ -89,6 +89,36 @@ def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
         assert any(max(lengths) == 73 for lengths in runs) and max(runs[-1]) == (73 if impl == "hf" else 17)
 
 
+def test_ab_rounds_alternate_their_order_and_compare_medians(monkeypatch):
+    """--ab-rounds: every other round runs the variants in reverse (A B B A), so that a drift over the run favours
+    none, and variant/base compares the medians of the rounds."""
+    import qlora_core.generate as gen_module
+    seen = []
+
+    class Model:
+        pass
+
+    def fake_load(impl, model_dir, device, args):
+        def gen(prompts, num_beams=1):
+            seen.append(gen_module.CACHE_BUCKET)
+            return [[0] * args.new_tokens for _ in prompts]
+        return Model(), gen
+
+    monkeypatch.setattr(bench_generate, "load", fake_load)
+    bucket = gen_module.CACHE_BUCKET
+    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=3,
+                           ab=["qlora_core.generate.CACHE_BUCKET=7", "qlora_core.generate.CACHE_BUCKET=9"])
+    rows = []
+    bench_generate.adl_impl("ours", None, "cpu", args, [], [[1] * 5] * 8, rows, lambda: None)
+    order = [bucket, 7, 9, 9, 7, bucket, bucket, 7, 9]
+    assert seen == [b for b in order for _ in range(2)]  # each run: untimed, then timed
+    assert [r["round"] for r in rows] == [0] * 3 + [1] * 3 + [2] * 3 and gen_module.CACHE_BUCKET == bucket
+    for r, rate in zip(rows, [10, 20, 5, 1, 40, 30, 20, 30, 50]):
+        r["new_tokens_per_s"] = rate
+    bench_generate.variant_ratios(rows)
+    assert [r.get("variant/base") for r in rows[:3]] == [None, 30 / 20, 5 / 20]  # medians 20, 30 and 5
+
+
 def test_scale_rows_keep_their_preset(tmp_path):
     paths = []
     for preset, impls in (("llama-2-70b", ["ours"]), ("llama-2-13b", ["ours", "hf-best"])):
