@@ -281,7 +281,7 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
                      "job_seconds": total * args.new_tokens / (n_prompts * args.new_tokens / t["s"]),
                      **peak_gib(device), "cold_s": cold, "load_s": load_s})
         log(f"{impl} {variant} {mode}: {rows[-1]['new_tokens_per_s']:.1f} new tokens/s over {n_prompts} prompts")
-        if impl == "ours" and mode != "job" and not round_:
+        if impl == "ours" and mode != "job" and not round_ and not args.skip_eager:
             rows[-1]["equal_eager"] = equal_positions(timed, [t for b in work for t in gen(b, beams, eager=True)])
             log(f"{impl} {mode}: tokens equal to the eager path's at {rows[-1]['equal_eager']:.1%} of positions")
         if impl == "ours" and mode == "greedy" and not round_:
@@ -369,6 +369,8 @@ def main():
     ap.add_argument("--ab-rounds", type=int, default=1,
                     help="adl, with --ab: run ours and its variants this many times, every other round in reverse "
                     "order (A B B A ...), so that a drift over the run favours none; variant/base compares medians")
+    ap.add_argument("--skip-eager", action="store_true",
+                    help="adl: leave out equal_eager (our eager path decodes every prompt again, slowly at 7B)")
     ap.add_argument("--lora-b-std", type=float, default=0.0,
                     help="ours: LoRA's B drawn normal(0, this) instead of zero, so the adapter changes the outputs")
     args = ap.parse_args()

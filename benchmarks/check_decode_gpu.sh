@@ -6,7 +6,8 @@
 #                                                                                           -> $OUT/nf4_sweep.json
 #   adl    the ADL decoding benchmark, ours vs transformers + peft + bitsandbytes           -> $OUT/decode.json
 #   ab     ours alone on the ADL benchmark (a shorter job, JOB_PROMPTS), as it is and under each variant
-#          in AB_VARIANTS (module constants), on one model in one process, AB_ROUNDS times (2: A B B A)
+#          in AB_VARIANTS (module constants), on one model in one process, AB_ROUNDS times (2: A B B A), without
+#          equal_eager
 #                                                                                           -> $OUT/decode_ab.json
 #   real   ours' fast path against its eager one on SmolLM2-135M's real weights and real text (equal_eager; the
 #          prompts are qlora_core/default_data/eval.jsonl's instructions in the ADL template), as it is and under
@@ -24,8 +25,8 @@
 # ab and real, e.g. "--hf-job-prompts 16"). Stages have time limits (tests 330 s, nf4 120 s, sweep 300 s, real 210 s;
 # adl and ab what is left of BUDGET, default 580 s), so the whole call ends within the device tool's 10 minutes.
 BUDGET=${BUDGET:-580}
-JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches. On an H100 a run of ours in the first round took about 2 minutes (2026-12-07,
-# JOB_PROMPTS=16), most of it the eager path that equal_eager checks; later rounds skip the checks
+JOB_PROMPTS=${JOB_PROMPTS:-64}  # 8 batches. ab leaves out equal_eager (--skip-eager: with it a run of ours took about 2
+# minutes on an H100, 2026-12-07, JOB_PROMPTS=16); agree_forced checks the first round's greedy tokens
 AB_VARIANTS=${AB_VARIANTS:-}  # e.g. "qlora_core.generate.CACHE_BUCKET=64 qlora_core.generate.STOP_READ_LATE=False"
 REAL_VARIANTS=${REAL_VARIANTS:-${AB_VARIANTS##*[[:space:]]}}  # the last
 ab_flags=() real_flags=()
@@ -65,7 +66,7 @@ for stage in "${stages[@]}"; do
       left=$((BUDGET - ($(date +%s) - start)))
       flags=(--out "$OUT/decode.json")
       [ "$stage" = ab ] && flags=(--impls ours --job-prompts "$JOB_PROMPTS" "${ab_flags[@]}"
-        --ab-rounds "${AB_ROUNDS:-2}" --out "$OUT/decode_ab.json")
+        --ab-rounds "${AB_ROUNDS:-2}" --skip-eager --out "$OUT/decode_ab.json")
       timeout "$left" "$PYTHON" -u benchmarks/bench_generate.py --workload adl --preset "$PRESET" --layers "$LAYERS" \
         --workdir "$WORKDIR" --lengths "$LENGTHS" "${flags[@]}" ${ADL_ARGS:-} 2>&1 \
         | grep -v "tokens/s over\|^\[bench\] ours.*positions\|picks:" | tee -a "$OUT/log.txt" || status=1 ;;

@@ -119,6 +119,31 @@ def test_ab_rounds_alternate_their_order_and_compare_medians(monkeypatch):
     assert [r.get("variant/base") for r in rows[:3]] == [None, 30 / 20, 5 / 20]  # medians 20, 30 and 5
 
 
+def test_skip_eager_leaves_out_only_the_eager_decoding(monkeypatch):
+    """--skip-eager: ours' beam3 row has no equal_eager, and the eager path never runs; without it, it does, only in
+    an --ab run's first round."""
+    eager_calls = []
+
+    class Model:
+        pass
+
+    def fake_load(impl, model_dir, device, args):
+        def gen(prompts, num_beams=1, eager=False):
+            eager_calls.append(eager)
+            return [[0] * args.new_tokens for _ in prompts]
+        return Model(), gen
+
+    monkeypatch.setattr(bench_generate, "load", fake_load)
+    for skip in (True, False):
+        eager_calls.clear()
+        args = SimpleNamespace(modes="beam3", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=2,
+                               ab=["qlora_core.generate.CACHE_BUCKET=7"], skip_eager=skip)
+        rows = []
+        bench_generate.adl_impl("ours", None, "cpu", args, [[1] * 5] * 3, [], rows, lambda: None)
+        assert len(rows) == 4 and [("equal_eager" in r) for r in rows] == [not skip, not skip, False, False]
+        assert eager_calls.count(True) == (0 if skip else 2 * 3)  # 3 prompts, the base and the variant
+
+
 def test_scale_rows_keep_their_preset(tmp_path):
     paths = []
     for preset, impls in (("llama-2-70b", ["ours"]), ("llama-2-13b", ["ours", "hf-best"])):
