@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The decoding GPU checks in one call, by stage:
-#   tests  the CUDA tests (tests/test_cuda.py, whole)                                       -> $OUT/pytest.txt
+#   tests  the CUDA tests (tests/test_cuda.py, whole, or those pytest -k TESTS_K selects)   -> $OUT/pytest.txt
 #   nf4    the NF4 kernels' microbenchmark at their default configurations                  -> $OUT/nf4_matmul.json
 #   sweep  the same with every configuration (nf4_matmul's tiles, nf4_mma's tiles a warp x K splits), 1-24 rows
 #                                                                                           -> $OUT/nf4_sweep.json
@@ -51,7 +51,8 @@ for stage in "${stages[@]}"; do
   SECONDS=0
   case $stage in
     tests)
-      timeout ${TESTS_S:-330} "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest.txt" \
+      timeout ${TESTS_S:-330} "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+        ${TESTS_K:+-k "$TESTS_K"} 2>&1 | tee "$OUT/pytest.txt" \
         | tail -15 | tee -a "$OUT/log.txt"
       summary=$(tail -1 "$OUT/pytest.txt")  # pytest's last line: "N passed, ..." or "N failed, M passed, ..."
       [[ $summary == *passed* && $summary != *failed* && $summary != *error* ]] || status=1 ;;
