@@ -89,22 +89,26 @@ def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
         assert any(max(lengths) == 73 for lengths in runs) and max(runs[-1]) == (73 if impl == "hf" else 17)
 
 
+def fake_loader(record):
+    """A stand-in for bench_generate.load: a model (an object generate's states can key weakly) and a gen that calls
+    record(eager) once a call and gives each prompt new_tokens zeros."""
+    class Model:
+        pass
+
+    def load(impl, model_dir, device, args):
+        def gen(prompts, num_beams=1, eager=False):
+            record(eager)
+            return [[0] * args.new_tokens for _ in prompts]
+        return Model(), gen
+    return load
+
+
 def test_ab_rounds_alternate_their_order_and_compare_medians(monkeypatch):
     """--ab-rounds: every other round runs the variants in reverse (A B B A), so that a drift over the run favours
     none, and variant/base compares the medians of the rounds."""
     import qlora_core.generate as gen_module
     seen = []
-
-    class Model:
-        pass
-
-    def fake_load(impl, model_dir, device, args):
-        def gen(prompts, num_beams=1):
-            seen.append(gen_module.CACHE_BUCKET)
-            return [[0] * args.new_tokens for _ in prompts]
-        return Model(), gen
-
-    monkeypatch.setattr(bench_generate, "load", fake_load)
+    monkeypatch.setattr(bench_generate, "load", fake_loader(lambda eager: seen.append(gen_module.CACHE_BUCKET)))
     bucket = gen_module.CACHE_BUCKET
     args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=3,
                            ab=["qlora_core.generate.CACHE_BUCKET=7", "qlora_core.generate.CACHE_BUCKET=9"])
@@ -123,17 +127,7 @@ def test_skip_eager_leaves_out_only_the_eager_decoding(monkeypatch):
     """--skip-eager: ours' beam3 row has no equal_eager, and the eager path never runs; without it, it does, only in
     an --ab run's first round."""
     eager_calls = []
-
-    class Model:
-        pass
-
-    def fake_load(impl, model_dir, device, args):
-        def gen(prompts, num_beams=1, eager=False):
-            eager_calls.append(eager)
-            return [[0] * args.new_tokens for _ in prompts]
-        return Model(), gen
-
-    monkeypatch.setattr(bench_generate, "load", fake_load)
+    monkeypatch.setattr(bench_generate, "load", fake_loader(eager_calls.append))
     for skip in (True, False):
         eager_calls.clear()
         args = SimpleNamespace(modes="beam3", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=2,
