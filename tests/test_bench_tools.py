@@ -67,18 +67,26 @@ def test_equal_positions_counts_every_position_of_the_longer_row():
     assert equal_positions([[7, 8]], [[7, 8]]) == 1.0
 
 
+def fake_loader(record):
+    """A stand-in for bench_generate.load: a model (an object generate's states can key weakly) and a gen that calls
+    record(impl, prompts, eager) once a call and gives each prompt new_tokens zeros."""
+    class Model:
+        pass
+
+    def load(impl, model_dir, device, args):
+        def gen(prompts, num_beams=1, eager=False):
+            record(impl, prompts, eager)
+            return [[0] * args.new_tokens for _ in prompts]
+        return Model(), gen
+    return load
+
+
 def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
     """The HF side times a spread of the job's batches, which leaves out the first, longest one; its peak memory
     must still include that batch, or the job's memory comparison would favour HF."""
     calls = []
-
-    def fake_load(impl, model_dir, device, args):
-        def gen(prompts, num_beams=1):
-            calls.append((impl, [len(p) for p in prompts]))
-            return [[0] * args.new_tokens for _ in prompts]
-        return object(), gen
-
-    monkeypatch.setattr(bench_generate, "load", fake_load)
+    monkeypatch.setattr(bench_generate, "load",
+                        fake_loader(lambda impl, prompts, eager: calls.append((impl, [len(p) for p in prompts]))))
     job = [[1] * n for n in range(10, 74)]  # 64 prompts, the longest 73 tokens
     args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab=[])
     for impl in ("ours", "hf"):
@@ -89,26 +97,12 @@ def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
         assert any(max(lengths) == 73 for lengths in runs) and max(runs[-1]) == (73 if impl == "hf" else 17)
 
 
-def fake_loader(record):
-    """A stand-in for bench_generate.load: a model (an object generate's states can key weakly) and a gen that calls
-    record(eager) once a call and gives each prompt new_tokens zeros."""
-    class Model:
-        pass
-
-    def load(impl, model_dir, device, args):
-        def gen(prompts, num_beams=1, eager=False):
-            record(eager)
-            return [[0] * args.new_tokens for _ in prompts]
-        return Model(), gen
-    return load
-
-
 def test_ab_rounds_alternate_their_order_and_compare_medians(monkeypatch):
     """--ab-rounds: every other round runs the variants in reverse (A B B A), so that a drift over the run favours
     none, and variant/base compares the medians of the rounds."""
     import qlora_core.generate as gen_module
     seen = []
-    monkeypatch.setattr(bench_generate, "load", fake_loader(lambda eager: seen.append(gen_module.CACHE_BUCKET)))
+    monkeypatch.setattr(bench_generate, "load", fake_loader(lambda *_: seen.append(gen_module.CACHE_BUCKET)))
     bucket = gen_module.CACHE_BUCKET
     args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=3,
                            ab=["qlora_core.generate.CACHE_BUCKET=7", "qlora_core.generate.CACHE_BUCKET=9"])
@@ -127,7 +121,7 @@ def test_skip_eager_leaves_out_only_the_eager_decoding(monkeypatch):
     """--skip-eager: ours' beam3 row has no equal_eager, and the eager path never runs; without it, it does, only in
     an --ab run's first round."""
     eager_calls = []
-    monkeypatch.setattr(bench_generate, "load", fake_loader(eager_calls.append))
+    monkeypatch.setattr(bench_generate, "load", fake_loader(lambda impl, prompts, eager: eager_calls.append(eager)))
     for skip in (True, False):
         eager_calls.clear()
         args = SimpleNamespace(modes="beam3", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=2,
