@@ -300,15 +300,15 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
 def variant_ratios(rows: list[dict]) -> None:
     """Give ours' rows of each --ab variant `variant/base`: the variant's median new tokens/s over its rounds, against
     the median of ours as it is, in the same mode and process."""
-    def median_rate(variant, mode):
-        rates = [r["new_tokens_per_s"] for r in rows if r["impl"] == "ours" and r.get("variant") == variant
-                 and r.get("mode") == mode and "new_tokens_per_s" in r]
-        return statistics.median(rates) if rates else None
-
-    for r in rows:
-        if r["impl"] == "ours" and r.get("variant") and "new_tokens_per_s" in r:
-            base = median_rate("", r["mode"])
-            r["variant/base"] = median_rate(r["variant"], r["mode"]) / base if base else None
+    timed = [r for r in rows if r["impl"] == "ours" and "new_tokens_per_s" in r]
+    rates = {}
+    for r in timed:
+        rates.setdefault((r.get("variant"), r.get("mode")), []).append(r["new_tokens_per_s"])
+    median = {key: statistics.median(v) for key, v in rates.items()}
+    for r in timed:
+        if r.get("variant"):
+            base = median.get(("", r.get("mode")))
+            r["variant/base"] = median[r.get("variant"), r.get("mode")] / base if base else None
 
 
 def adl_workload(args, impls, cfg, model_dir):
