@@ -5,9 +5,15 @@
 
 With no --model it takes the default job's base (SmolLM2-135M-Instruct) and, when `python train.py` has written it,
 the default run's adapter (runs/default); with no --test-file, the shipped held-out sample.
+
+With --output, each batch's predictions are kept in OUTPUT.partial as they come: a run stopped part way (Ctrl-C, a
+lost machine) and started again with the same flags generates only the records it had not done, and the file is
+deleted once OUTPUT is written. --batch-size and --device may change between the two runs (after running out of
+memory, say); on a GPU a record's output can then differ where rounding differs with its batch.
 """
 import argparse
 import json
+import os
 from pathlib import Path
 
 from qlora_core.checkpoint import DTYPES, add_model_flags, load_model, resolve_model_dir
@@ -57,7 +63,54 @@ def parse_args(argv=None):
 
 def write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_settings(args, mode: str) -> dict:
+    """The flags a prediction depends on (the paths as typed): a run takes over an interrupted one's predictions
+    only where these agree."""
+    keys = ["model", "adapter", "test_file", "max_new_tokens", "quantize", "dtype", "revision"]
+    keys += ["few_shot_file", "num_shots", "seed"] if mode == "few-shot" else []
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in keys}
+    return settings | {"prompt": mode, "num_beams": args.num_beams if args.decoder == "beam" else 1}
+
+
+def kept_predictions(path: Path, settings: dict, records: list[dict]) -> dict[int, str]:
+    """{record index: output} that an interrupted run with these settings kept in path ({} if there is none).
+
+    The file's first line holds the settings, each further line one record's {"index", "id", "output"}. A last line
+    cut short by the interruption is cut off the file too, so that the next lines append after a whole one."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    whole = data[:data.rfind(b"\n") + 1]
+    if len(whole) < len(data):
+        os.truncate(path, len(whole))
+    lines = whole.decode("utf-8", errors="replace").splitlines()
+    if not lines:
+        return {}
+    kept = {}
+    for n, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QLoRAError(f"{path}: line {n} is not JSON ({e.msg}); delete the file to start over") from None
+        if n == 1:
+            for key, value in settings.items():
+                if entry.get(key) != value:
+                    raise QLoRAError(f"{path} was written by a run with {key} {entry.get(key)!r}, this one has "
+                                     f"{value!r}: rerun with that run's flags to resume it, or delete the file")
+            continue
+        i = entry.get("index")
+        if not isinstance(i, int) or not 0 <= i < len(records) or entry.get("id") != records[i]["id"]:
+            raise QLoRAError(f'{path}: line {n}: field "index" {i!r} with field "id" {entry.get("id")!r} is no '
+                             f"record of {settings['test_file']}; delete the file to start over")
+        if not isinstance(entry.get("output"), str):
+            raise QLoRAError(f'{path}: line {n}: field "output" is not a string; delete the file to start over')
+        kept[i] = entry["output"]
+    return kept
 
 
 def main(argv=None):
@@ -79,6 +132,11 @@ def main(argv=None):
         else []
     if args.adapter:
         read_adapter_config(Path(args.adapter))  # a mistyped --adapter fails before the model loads
+    settings = run_settings(args, mode)
+    partial = args.output.with_name(args.output.name + ".partial") if args.output and not args.perplexity else None
+    kept = kept_predictions(partial, settings, records) if partial else {}
+    if kept:
+        log(f"resuming: {len(kept)} of {len(records)} predictions kept in {partial}")
     model_dir = resolve_model_dir(args.model, args.revision)
     context = ModelConfig.from_json(model_dir / "config.json").max_position_embeddings
     if not args.perplexity and args.max_new_tokens >= context - 1:
@@ -98,16 +156,31 @@ def main(argv=None):
         print(f"mean_perplexity: {mean}")
         return
 
-    prompts = build_prompts(tok, [r["instruction"] for r in records], mode, examples,
+    todo = [i for i in range(len(records)) if i not in kept]
+    prompts = build_prompts(tok, [records[i]["instruction"] for i in todo], mode, examples,
                             max_prompt_len=context - args.max_new_tokens)
-    texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
-                           num_beams=args.num_beams if args.decoder == "beam" else 1)
-    predictions = [{"id": r["id"], "output": text} for r, text in zip(records, texts)]
-    if args.output is None:
-        print(json.dumps(predictions, ensure_ascii=False, indent=2))
+    if partial is None:
+        texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                               num_beams=settings["num_beams"])
+        print(json.dumps([{"id": r["id"], "output": t} for r, t in zip(records, texts)], ensure_ascii=False, indent=2))
         return
-    write_json(args.output, predictions)
-    log(f"wrote {len(predictions)} predictions to {args.output}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial, "a" if kept else "w", encoding="utf-8") as f:
+        if not kept:
+            f.write(json.dumps(settings, ensure_ascii=False) + "\n")
+
+        def keep(batch, texts):
+            for j, text in zip(batch, texts):
+                i = todo[j]
+                kept[i] = text
+                f.write(json.dumps({"index": i, "id": records[i]["id"], "output": text}, ensure_ascii=False) + "\n")
+            f.flush()
+
+        generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                       num_beams=settings["num_beams"], on_batch=keep)
+    write_json(args.output, [{"id": r["id"], "output": kept[i]} for i, r in enumerate(records)])
+    partial.unlink()
+    log(f"wrote {len(records)} predictions to {args.output}")
 
 
 if __name__ == "__main__":

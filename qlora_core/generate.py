@@ -498,11 +498,12 @@ def length_batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]
 
 
 def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8,
-                   num_beams: int = 1, progress: bool = True, **sampling) -> list[str]:
+                   num_beams: int = 1, progress: bool = True, on_batch=None, **sampling) -> list[str]:
     """Decoded outputs of prompts (token ids) in their order, generated in batches of similar prompt lengths.
 
     sampling: temperature, top_p and generator, passed on to `generate`. Pads with the tokenizer's pad id, or
-    its EOS id, or 0. The decoded text has special tokens removed and surrounding whitespace stripped.
+    its EOS id, or 0. The decoded text has special tokens removed and surrounding whitespace stripped. on_batch, if
+    given, is called after each batch with the batch's indices into prompts and their texts (infer.py keeps them).
     """
     if batch_size < 1:
         raise QLoRAError(f"batch_size must be >= 1, got {batch_size}")
@@ -513,4 +514,6 @@ def generate_texts(model, tok, prompts: list[list[int]], max_new_tokens: int, ba
                        eos_id=tok.eos_id, pad_id=pad_id, **sampling)
         for i, tokens in zip(batch, new):
             texts[i] = tok.decode(tokens).strip()
+        if on_batch is not None:
+            on_batch(batch, [texts[i] for i in batch])
     return texts

@@ -12,6 +12,7 @@ import pytest
 import sentencepiece
 import torch
 
+import qlora_core.generate
 from conftest import fake_hub_cache, need_shared, script, write_checkpoint
 from qlora_core import QLoRAError, load_model
 from qlora_core.generate import build_prompts, generate
@@ -163,3 +164,61 @@ def test_flag_errors(infer_module, setup, tmp_path, extra, message):
     with pytest.raises(QLoRAError, match=message):
         infer_module.main(["--model", str(ckpt), "--test-file", str(test_file), "--output", str(tmp_path / "p.json"),
                            "--quantize", "none", *extra])
+
+
+def resume_flags(setup, out):
+    ckpt, adapter, test_file, _ = setup
+    return ["--model", str(ckpt), "--adapter", str(adapter), "--test-file", str(test_file), "--output", str(out),
+            "--max-new-tokens", str(MAX_NEW), "--batch-size", "3", "--quantize", "none", "--dtype", "float32",
+            "--device", "cpu"]
+
+
+def test_an_interrupted_run_resumes_with_the_records_it_had_not_done(infer_module, setup, tmp_path, monkeypatch):
+    """infer.py stopped in its second batch (of 3, 3 and 1 records), then again in the next run's second, then run a
+    third time with the same flags generates each record once and writes what an uninterrupted run writes; a line
+    cut short by a stop is dropped from the file."""
+    whole, out = tmp_path / "whole.json", tmp_path / "pred.json"
+    infer_module.main(resume_flags(setup, whole))
+    partial = tmp_path / "pred.json.partial"
+    real, rows = qlora_core.generate.generate, []
+
+    def stops_at_its_second_batch(model, prompts, *args, **kwargs):
+        rows.append(len(prompts))
+        if len(rows) == 2:
+            raise KeyboardInterrupt
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(qlora_core.generate, "generate", stops_at_its_second_batch)
+    for kept in (3, 6):
+        rows.clear()
+        with pytest.raises(KeyboardInterrupt):
+            infer_module.main(resume_flags(setup, out))
+        assert not out.exists() and len(partial.read_text().splitlines()) == 1 + kept
+        with open(partial, "a") as f:
+            f.write('{"index": 0, "id"')
+    rows.clear()
+    monkeypatch.setattr(qlora_core.generate, "generate", lambda model, prompts, *args, **kwargs: rows.append(
+        len(prompts)) or real(model, prompts, *args, **kwargs))
+    infer_module.main(resume_flags(setup, out))
+    assert rows == [1]
+    assert json.loads(out.read_text(encoding="utf-8")) == json.loads(whole.read_text(encoding="utf-8"))
+    assert not partial.exists()
+
+
+@pytest.mark.parametrize("header, line, message", [
+    ({"num_beams": 3}, None, "written by a run with num_beams 3, this one has 1"),
+    ({}, lambda ids: {"index": 2, "id": "elsewhere", "output": "x"},
+     'line 3: field "index" 2 with field "id" \'elsewhere\' is no record of'),
+    ({}, lambda ids: {"index": 2, "id": ids[2], "output": 5}, 'line 3: field "output" is not a string'),
+    ({}, lambda ids: {"index": 9, "id": ids[2], "output": "x"}, 'line 3: field "index" 9'),
+])
+def test_kept_predictions_of_another_run_are_an_error(infer_module, setup, tmp_path, header, line, message):
+    out = tmp_path / "pred.json"
+    flags = resume_flags(setup, out)
+    settings = infer_module.run_settings(infer_module.parse_args(flags), "lora") | header
+    ids = [r["id"] for r in json.loads(setup[2].read_text(encoding="utf-8"))]
+    lines = [settings, {"index": 0, "id": ids[0], "output": "kept"}] + ([line(ids)] if line else [])
+    (tmp_path / "pred.json.partial").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(QLoRAError, match=re.escape(message)) as e:
+        infer_module.main(flags)
+    assert str(tmp_path / "pred.json.partial") in str(e.value)
