@@ -176,8 +176,12 @@ def main(argv=None):
                 f.write(json.dumps({"index": i, "id": records[i]["id"], "output": text}, ensure_ascii=False) + "\n")
             f.flush()
 
-        generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
-                       num_beams=settings["num_beams"], on_batch=keep)
+        try:
+            generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,
+                           num_beams=settings["num_beams"], on_batch=keep)
+        except KeyboardInterrupt:
+            log(f"stopped: {len(kept)} of {len(records)} predictions kept in {partial}; the same command goes on")
+            raise SystemExit(130) from None
     write_json(args.output, [{"id": r["id"], "output": kept[i]} for i, r in enumerate(records)])
     partial.unlink()
     log(f"wrote {len(records)} predictions to {args.output}")

@@ -173,7 +173,8 @@ def resume_flags(setup, out):
             "--device", "cpu"]
 
 
-def test_an_interrupted_run_resumes_with_the_records_it_had_not_done(infer_module, setup, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_with_the_records_it_had_not_done(infer_module, setup, tmp_path, monkeypatch,
+                                                                      capsys):
     """infer.py stopped in its second batch (of 3, 3 and 1 records), then again in the next run's second, then run a
     third time with the same flags generates each record once and writes what an uninterrupted run writes; a line
     cut short by a stop is dropped from the file."""
@@ -191,8 +192,9 @@ def test_an_interrupted_run_resumes_with_the_records_it_had_not_done(infer_modul
     monkeypatch.setattr(qlora_core.generate, "generate", stops_at_its_second_batch)
     for kept in (3, 6):
         rows.clear()
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(SystemExit, match="130"):
             infer_module.main(resume_flags(setup, out))
+        assert f"stopped: {kept} of 7 predictions kept in {partial}" in capsys.readouterr().err
         assert not out.exists() and len(partial.read_text().splitlines()) == 1 + kept
         with open(partial, "a") as f:
             f.write('{"index": 0, "id"')
