@@ -225,8 +225,8 @@ if gluon is not None:
         s_row2 = gl.expand_dims(rn_s.to(gl.int64) * kb_total, 1)
         ru_s = gl.expand_dims(gl.arange(0, U, layout=gl.SliceLayout(0, LSU)), 0)
 
-        # x, h, the workspace and (at a first call) the pair table come from the kernels before; the rest is constant
-        grid_dependency(PDL)
+        # The pair table is filled while the kernel before finishes: it is written before that kernel (pair_table's
+        # torch ops, which do not launch their next kernel early). x, h and the workspace come from the kernel before.
         LT: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
         ti = gl.arange(0, 256 * COPIES, layout=LT)
         table = gl.allocate_shared_memory(gl.int32, [256 * COPIES], gl.SwizzledSharedLayout(1, 1, 1, [0]),
@@ -234,6 +234,7 @@ if gluon is not None:
         gl.thread_barrier()
         lane_base = gl.inline_asm_elementwise(ASM_LANE, "=r", [], dtype=gl.uint32, is_pure=True, pack=1)
         lane_bases = gl.full([BN, 32], 0, gl.uint32, LB) + lane_base
+        grid_dependency(PDL)
 
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         for kb0 in range(lo, hi, U):
