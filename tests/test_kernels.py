@@ -97,7 +97,7 @@ def test_programmatic_dependent_launch_is_asked_for_decoding_on_hopper_only(monk
 @pytest.mark.parametrize("split", [None, 1, 3, 16])
 def test_nf4_mma_splits_k_into_whole_iterations_and_no_empty_part(blocks, unroll, split):
     from qlora_core.kernels.nf4_mma import split_plan
-    parts, per_part = split_plan(blocks, tiles=64, unroll=unroll, split=split)
+    parts, per_part = split_plan(blocks, unroll=unroll, split=split)
     starts = [p * per_part for p in range(parts)]
     ends = [min(s + per_part, blocks) for s in starts]
     assert per_part % unroll == 0 and all(s < e for s, e in zip(starts, ends)) and ends[-1] == blocks

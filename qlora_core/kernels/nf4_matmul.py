@@ -33,8 +33,8 @@ MAX_ROWS = 2
 multiply-adds no longer hide its decoding cost."""
 MAX_SEGMENTS = 3
 TARGET_PROGRAMS = 528
-"""About 4 programs an H200 SM: K is split until the tiles times the splits reach this (o and down: 256 tiles).
-Shared with nf4_mma."""
+"""About 4 programs an H200 SM: at one row K is split until the tiles times the splits reach this (o and down: 256
+tiles)."""
 MIN_SPLIT_ITERATIONS = 3
 """Loop iterations a split keeps at least. On an H200 at one row, down (11 iterations) split in 3 took 18.2 us
 against 21.7 unsplit, o (4 iterations) split in 2 took 10.1 against 9.4; at two rows splitting lost for both."""

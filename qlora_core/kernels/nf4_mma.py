@@ -27,7 +27,7 @@ counter for the next call (which makes the kernel safe to replay from a CUDA gra
 import torch
 
 from . import pdl
-from .nf4_matmul import TARGET_PROGRAMS, WORKSPACE_ROWS, fits, launch_args, whole_iterations, workspace
+from .nf4_matmul import WORKSPACE_ROWS, fits, launch_args, whole_iterations, workspace
 
 try:
     from triton.experimental import gluon
@@ -46,6 +46,11 @@ groups) a layer's four groups took 110.8 us at 3 rows against 131.9 for one bloc
 68.4), and 181.3 against 193.2 at 24 rows; 2 blocks took 134.7 and 186.8. That is with one 16-row tile a warp (MT);
 more tiles a warp take one block an iteration by default: 4 blocks of 4 tiles a warp spill registers at 32 rows
 (offline SASS)."""
+SPLIT = 4
+"""Parts of K by default. On an H100 (bench_nf4_matmul.py --mma-configs 1:4:S:None, Llama-2-7B's groups) 4 parts
+beat enough parts for 528 programs (3 for q/k/v, 8-9 for o and down, 2 for gate/up) in a layer: 105.2 us against
+114.4 at 8 rows, 168.9 and 167.5 against 178.0 and 175.3 at 24. Of 1, 2, 3, 6 and 8 parts only 3 for gate/up at
+24 rows (68.6 us against 80.3) and 8 for o at 8 rows (10.9 against 11.2) beat 4."""
 MT = {8: 1, 16: 1, 32: 1}
 """x rows padded (8, 16, 32) -> 16-row weight tiles a warp multiplies by each block of x it loads."""
 
@@ -67,6 +72,7 @@ def pair_table(code: torch.Tensor) -> torch.Tensor:
         b = torch.arange(256, device=code.device)
         pairs = bits[b >> 4] | (bits[b & 15] << 16)
         _pairs[key] = torch.where(pairs >= 2 ** 31, pairs - 2 ** 32, pairs).to(torch.int32)
+        torch.cuda.current_stream(code.device).synchronize()  # written before the kernel that reads it is launched
     return _pairs[key]
 
 
@@ -74,15 +80,15 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
             split: int | None = None, mt: int | None = None, warps: int = WARPS,
             unroll: int | None = None) -> torch.Tensor:
     """x [..., in] @ each layer's W^T, concatenated along the last dim, in bf16, plus each segment's LoRA update
-    h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default: enough
-    for TARGET_PROGRAMS programs). mt: 16-row weight tiles a warp (default MT's). warps: a program's. unroll: blocks a
+    h[..., cols] @ B^T (as nf4_matmul.nf4_matmul). Only where `supports(x, layers)`. split: parts of K (default:
+    SPLIT). mt: 16-row weight tiles a warp (default MT's). warps: a program's. unroll: blocks a
     loop iteration loads (default UNROLL at one tile a warp, else 1)."""
     rows, k = x.numel() // x.shape[-1], x.shape[-1]
     bm = 8 if rows <= 8 else 16 if rows <= 16 else 32
     mt = mt or MT[bm]
     unroll = unroll or (UNROLL if mt == 1 else 1)
     x2, y, h2, seg, tiles = launch_args(x, layers, h, bs, ranks, 16 * warps * mt, torch.uint8)
-    split, per_split = split_plan(k // 64, tiles, unroll, split)
+    split, per_split = split_plan(k // 64, unroll, split)
     ws, counters = workspace(x.device, y.shape[1], tiles)
     lay = _layouts(bm, warps, mt, unroll)
     _kernel[(tiles, split)](x2, y, h2, pair_table(layers[0].weight.quant_state.code), ws, counters, *seg,
@@ -93,12 +99,11 @@ def nf4_mma(x: torch.Tensor, layers, h: torch.Tensor | None = None, bs=None, ran
     return y.view(*x.shape[:-1], y.shape[1])
 
 
-def split_plan(blocks: int, tiles: int, unroll: int, split: int | None = None) -> tuple[int, int]:
-    """(parts of K, blocks of 64 a part) for K of `blocks` blocks: `split` parts or, if None, enough for TARGET_PROGRAMS
-    programs over `tiles` tiles (each part at least 4 blocks), each part whole iterations of `unroll` blocks but the
-    last, and none empty."""
+def split_plan(blocks: int, unroll: int, split: int | None = None) -> tuple[int, int]:
+    """(parts of K, blocks of 64 a part) for K of `blocks` blocks: `split` parts or, if None, SPLIT (each part at
+    least 4 blocks), each part whole iterations of `unroll` blocks but the last, and none empty."""
     if split is None:
-        split = max(1, min(blocks // 4, -(-TARGET_PROGRAMS // tiles)))
+        split = max(1, min(blocks // 4, SPLIT))
     return whole_iterations(blocks, split, unroll)
 
 
@@ -225,8 +230,8 @@ if gluon is not None:
         s_row2 = gl.expand_dims(rn_s.to(gl.int64) * kb_total, 1)
         ru_s = gl.expand_dims(gl.arange(0, U, layout=gl.SliceLayout(0, LSU)), 0)
 
-        # x, h, the workspace and (at a first call) the pair table come from the kernels before; the rest is constant
-        grid_dependency(PDL)
+        # The pair table, written before this call (pair_table waits for it), is filled while the kernel before
+        # finishes; x, h and the workspace come from the kernels before.
         LT: gl.constexpr = gl.BlockedLayout([4], [32], [W], [0])
         ti = gl.arange(0, 256 * COPIES, layout=LT)
         table = gl.allocate_shared_memory(gl.int32, [256 * COPIES], gl.SwizzledSharedLayout(1, 1, 1, [0]),
@@ -234,6 +239,7 @@ if gluon is not None:
         gl.thread_barrier()
         lane_base = gl.inline_asm_elementwise(ASM_LANE, "=r", [], dtype=gl.uint32, is_pure=True, pack=1)
         lane_bases = gl.full([BN, 32], 0, gl.uint32, LB) + lane_base
+        grid_dependency(PDL)
 
         acc = gl.zeros([BN, BM], gl.float32, MMA)
         for kb0 in range(lo, hi, U):
