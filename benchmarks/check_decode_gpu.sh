@@ -14,8 +14,8 @@
 #          REAL_VARIANTS (default: AB_VARIANTS' last); the GGUF is $GGUF, or
 #          /root/parts/part.aa (an earlier call's) + .big/part.ab (this call's; ../shared/README.md)
 #                                                                                           -> $OUT/decode_real.json
-#   ncu    each NF4 decode kernel once under Nsight Compute (benchmarks/ncu_nf4.py: throughput, occupancy, stalls)
-#                                                                                           -> $OUT/ncu.txt, nf4.ncu-rep
+#   ncu    each NF4 decode kernel once under Nsight Compute (benchmarks/ncu_nf4.py: throughput, occupancy, stalls,
+#          shared-memory bank conflicts, stall samples an instruction)     -> $OUT/ncu.txt, ncu_sass.csv, nf4.ncu-rep
 # All but real run at Llama-2-7B's shape (PRESET) with random weights.
 #
 #   OUT=/some/dir bash benchmarks/check_decode_gpu.sh [tests] [nf4] [sweep] [adl] [ab] [real]   # tests nf4 if none
@@ -86,10 +86,15 @@ for stage in "${stages[@]}"; do
     ncu)
       ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
       [ -n "$ncu" ] || { echo "no ncu on this machine" | tee -a "$OUT/log.txt"; status=1; continue; }
-      timeout 150 "$ncu" --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
-          --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-          -o "$OUT/nf4" "$PYTHON" benchmarks/ncu_nf4.py 2>&1 | grep -v "^==PROF==" | tee -a "$OUT/log.txt" \
-        && "$ncu" --import "$OUT/nf4.ncu-rep" --page details > "$OUT/ncu.txt" 2>&1 || status=1 ;;
+      sections=(SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis
+                MemoryWorkloadAnalysis_Tables InstructionStats SourceCounters)
+      timeout 200 "$ncu" --profile-from-start off --clock-control none "${sections[@]/#/--section=}" \
+          -o "$OUT/nf4" "$PYTHON" benchmarks/ncu_nf4.py 2>&1 | grep -v "^==PROF==" | tee -a "$OUT/log.txt"
+      [ -f "$OUT/nf4.ncu-rep" ] || { status=1; continue; }
+      "$ncu" --import "$OUT/nf4.ncu-rep" --page details --print-details all > "$OUT/ncu.txt" 2>&1 \
+        || "$ncu" --import "$OUT/nf4.ncu-rep" --page details > "$OUT/ncu.txt" 2>&1 || status=1
+      # each SASS instruction's stall samples (to find what the busiest pipe waits on); optional
+      "$ncu" --import "$OUT/nf4.ncu-rep" --page source --print-source sass --csv > "$OUT/ncu_sass.csv" 2>&1 || true ;;
     *) echo "unknown stage $stage (tests, nf4, sweep, adl, ab, real, ncu)"; exit 2 ;;
   esac
   echo "$stage took $SECONDS s (status so far $status)" | tee -a "$OUT/log.txt"

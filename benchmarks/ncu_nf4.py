@@ -1,13 +1,10 @@
 """The NF4 decode kernels under Nsight Compute: each once, at Llama-2-7B's shapes, in a profiled range of its own.
 
-    ncu --profile-from-start off --clock-control none --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis --section LaunchStats \
-        -o $OUT/nf4 python benchmarks/ncu_nf4.py
-    ncu --import $OUT/nf4.ncu-rep --page details > $OUT/ncu.txt
+    OUT=/some/dir bash benchmarks/check_decode_gpu.sh ncu     # ncu --profile-from-start off ... python ncu_nf4.py
 
-(check_decode_gpu.sh's `ncu` stage.) Every call runs twice first, outside the range, so that compilation and
-autotuning are not profiled; then each runs once inside it, in the order printed, which is the report's order
-(bitsandbytes' GEMV launches kernels of other names). Random weights, LoRA r 4 on every member.
+Every call runs twice first, outside the range, so that compilation and autotuning are not profiled; then each runs
+once inside it, in the order printed, which is the report's order (bitsandbytes' GEMV launches kernels of other
+names). Random weights, LoRA r 4 on every member.
 """
 import torch
 
