@@ -81,6 +81,8 @@ def main():
                     help="the mma configurations --sweep tries instead of MMA_SWEEP (SPLIT None: its own choice); "
                     "the kernel's SWEEP is then left out")
     ap.add_argument("--only", default=None, help="time only these implementations (comma-separated)")
+    ap.add_argument("--copies", type=int, default=None,
+                    help="nf4_mma.COPIES: copies of its pair table in shared memory (1 to 32, a power of 2)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     mma_sweep = MMA_SWEEP if args.mma_configs is None else [
@@ -94,6 +96,8 @@ def main():
     from qlora_core.kernels.nf4_dequant import dequantize_nf4
     from qlora_core.quant import nf4_linear
 
+    if args.copies:
+        nf4_mma.COPIES = args.copies
     cfg = model_config(args.preset)
     shapes = projection_shapes(cfg)
     gen = torch.Generator("cuda").manual_seed(0)
