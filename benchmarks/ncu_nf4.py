@@ -8,10 +8,12 @@ names). Random weights, LoRA r 4 on every member.
 """
 import torch
 
+from bench_nf4_matmul import GROUPS, projection_shapes
+from common import model_config
+
 CALLS = [("nf4_matmul", "qkv", 1), ("nf4_matmul", "down", 1), ("bnb", "qkv", 1), ("nf4_mma", "qkv", 3),
          ("nf4_mma", "qkv", 8), ("nf4_mma", "qkv", 24), ("nf4_mma", "gate_up", 24), ("nf4_mma", "o", 24)]
 """(kernel, group, x rows) in the order profiled."""
-GROUPS = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(11008, 4096)] * 2, "down": [(4096, 11008)]}
 
 
 def call(kernel: str, layers, rows: int):
@@ -30,8 +32,9 @@ def call(kernel: str, layers, rows: int):
 def main() -> None:
     from qlora_core.quant import nf4_linear
     torch.manual_seed(0)
-    layers = {g: [nf4_linear(torch.randn(*s, device="cuda") * 0.02, None, torch.bfloat16) for s in shapes]
-              for g, shapes in GROUPS.items()}
+    shapes = projection_shapes(model_config("llama-2-7b"))
+    layers = {g: [nf4_linear(torch.randn(*shapes[n], device="cuda") * 0.02, None, torch.bfloat16) for n in names]
+              for g, names in GROUPS.items()}
     fns = [call(kernel, layers[group], rows) for kernel, group, rows in CALLS]
     with torch.inference_mode():
         for fn in fns + fns:
