@@ -272,7 +272,8 @@ def profile_table(prof, path: str | Path) -> None:
 
 def gpu_busy(fn, step_s: float, device, table: str | Path | None = None) -> dict:
     """{"gpu_busy": the seconds the GPU spends executing kernels and copies in one more call of fn, over step_s},
-    with step_s the median wall time of the timed (unprofiled) calls; with `table`, that call's profile_table too.
+    with step_s the median wall time of the timed (unprofiled) calls; with `table`, that call's profile_table and
+    its idle_gaps too.
 
     The busy time is the union of the device activity intervals that torch.profiler records in that call (kernels
     inside CUDA graph replays included); the profiler slows the host, not the device, so its own wall time is not
@@ -286,18 +287,39 @@ def gpu_busy(fn, step_s: float, device, table: str | Path | None = None) -> dict
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
             torch.cuda.synchronize(device)
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+        spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                        if e.device_type == DeviceType.CUDA)
         if table:
             profile_table(prof, table)
+            with open(table, "a") as f:
+                f.write("\n" + idle_gaps(spans))
     except Exception as e:  # noqa: BLE001 - the timed numbers stand without it
         log(f"gpu_busy: profiler failed: {type(e).__name__}: {e}")
         return {"gpu_busy": None, "gpu_busy_error": f"{type(e).__name__}: {e}"}
     busy, end = 0.0, float("-inf")
-    for start, stop in spans:
+    for start, stop, _ in spans:
         busy += max(0.0, stop - max(start, end))
         end = max(end, stop)
     return {"gpu_busy": busy * 1e-6 / step_s, "gpu_busy_s": busy * 1e-6}
+
+
+def idle_gaps(spans, rows: int = 25) -> str:
+    """Where the device sat idle between its activities: spans (start us, end us, name) sorted by start; each
+    stretch with nothing running is put down to the pair (the activity that ended last, the one that starts), and
+    the pairs with the most idle time are listed."""
+    pairs: dict[tuple[str, str], list[float]] = {}
+    end, last = None, None
+    for start, stop, name in spans:
+        if end is not None and start > end:
+            pairs.setdefault((last, name), []).append(start - end)
+        if end is None or stop >= end:
+            end, last = stop, name
+    total = sum(sum(g) for g in pairs.values())
+    lines = [f"idle between device activities: {total:.1f} us in {sum(map(len, pairs.values()))} gaps",
+             f"{'us':>10} {'gaps':>6} {'us/gap':>7}  after -> before"]
+    for (a, b), g in sorted(pairs.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        lines.append(f"{sum(g):10.1f} {len(g):6d} {sum(g) / len(g):7.2f}  {a[:60]} -> {b[:60]}")
+    return "\n".join(lines) + "\n"
 
 
 def reset_peak(device) -> None:

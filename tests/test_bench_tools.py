@@ -16,6 +16,7 @@ from qlora_core.prompts import format_prompt
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_generate  # noqa: E402
 from bench_generate import equal_positions, forced_agreement, spread, text_prompts  # noqa: E402
+from common import idle_gaps  # noqa: E402
 from scale_results import merge  # noqa: E402
 
 
@@ -79,6 +80,16 @@ def fake_loader(record):
             return [[0] * args.new_tokens for _ in prompts]
         return Model(), gen
     return load
+
+
+def test_idle_gaps_put_each_idle_stretch_down_to_the_activity_that_ended_last_and_the_next():
+    spans = [(0, 10, "a"), (2, 4, "inner"), (13, 20, "b"), (14, 30, "c"), (31, 32, "a"), (42, 43, "b"),
+             (43, 50, "c")]
+    text = idle_gaps(spans)
+    # idle: 10-13 (a -> b), 30-31 (c -> a), 32-42 (a -> b); the nested span and the touching one add none
+    assert text.splitlines()[0] == "idle between device activities: 14.0 us in 3 gaps"
+    rows = [line.split() for line in text.splitlines()[2:]]
+    assert rows == [["13.0", "2", "6.50", "a", "->", "b"], ["1.0", "1", "1.00", "c", "->", "a"]]
 
 
 def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
