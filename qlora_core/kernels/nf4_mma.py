@@ -37,12 +37,12 @@ except ImportError:  # CPU builds of torch come without Triton
     gluon = None
 
 MAX_ROWS = WORKSPACE_ROWS
-COPIES = 8
-"""Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 8 KiB. Lane l reads word
+COPIES = 32
+"""Copies of the 256-entry pair table in shared memory (lane l reads copy l % COPIES): 32 KiB. Lane l reads word
 byte * COPIES + l % COPIES, so lanes of one copy whose bytes differ but agree modulo 32 / COPIES share a bank: for
-random bytes a warp's load takes 2.9 shared-memory wavefronts on average at 8 copies, 2.0 at 16, 1 at 32 (32 KiB),
-by counting. Nsight Compute found the L1/shared pipe nf4_mma's busiest unit (78-82% on an H100); 16 and 32 copies
-are yet to be timed."""
+random bytes a warp's load takes 2.9 shared-memory wavefronts on average at 8 copies, 2.0 at 16, 1 at 32, by
+counting. On an H100, Llama-2-7B's replayed decode step (bench_decode_step.py, two rounds) took 9% less time at 3
+rows and 5% less at 24 with 32 copies than with 8."""
 WARPS = 4
 UNROLL = 4
 """Blocks of 64 k a loop iteration loads at once (1, 2 or 4). On an H100 (bench_nf4_matmul.py, one run, Llama-2-7B's
