@@ -18,7 +18,7 @@ all of them. Decoding:
   16q + 2j + e, which are the thread's 8 contiguous bytes: one 64-bit load a row and block. x's tile takes the same
   map (16 contiguous bf16 a thread);
 - a byte's two codes are one register of bf16 pairs (the lower k in the low half), read from a 256-entry table of
-  pairs in shared memory, kept COPIES times so that fewer lanes of a warp read one bank;
+  pairs in shared memory, kept COPIES times (a copy a lane) so that a warp's load meets no bank twice;
 - the products of a block are scaled by its absmax (code2[u8] * absmax2 + offset) once, in float32.
 Few programs would leave most of the card idle at 1 to 32 rows, so K is split: each split adds its float32 partial
 into a workspace with atomics, and the split that finishes last adds LoRA, stores the output and zeroes its tile and
