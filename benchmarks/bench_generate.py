@@ -67,11 +67,12 @@ def load(impl: str, model_dir, device, args):
                     m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * args.lora_b_std)
         model.eval()
 
-        def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False) -> list[list[int]]:
+        def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False,
+                new_tokens: int | None = None) -> list[list[int]]:
             """eager: our eager path, no CUDA graph and no projection groups (each layer's own forward)."""
-            return generate(model, prompts, max_new_tokens=args.new_tokens, num_beams=num_beams, eos_id=None,
-                            pad_id=0, cuda_graph=impl == "ours" and str(device).startswith("cuda") and not eager,
-                            groups=False if eager else None)
+            graphed = impl == "ours" and str(device).startswith("cuda") and not eager
+            return generate(model, prompts, max_new_tokens=new_tokens or args.new_tokens, num_beams=num_beams,
+                            eos_id=None, pad_id=0, cuda_graph=graphed, groups=False if eager else None)
         return model, gen
 
     from peft import LoraConfig, get_peft_model
@@ -288,6 +289,15 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
             rows[-1].update(forced_agreement(model, [p for b in work for p in b], timed))
             log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%} (the "
                 f"largest gap where not: {rows[-1]['flip_gap_ulps']:.1f} bf16 steps)")
+        if args.split_prefill and not hf:  # the same work at one new token: its prefills (and one selection each)
+            gen(work[0], beams, new_tokens=1)  # untimed: the capture of its cache length's step
+            with cuda_timer(device) as t1:
+                for b in work:
+                    gen(b, beams, new_tokens=1)
+            steps = len(work) * (args.new_tokens - 1)
+            rows[-1].update(prefill_s=t1["s"], decode_step_ms=(t["s"] - t1["s"]) * 1e3 / steps if steps else None)
+            log(f"{impl} {mode}: prefills {t1['s']:.3f} s of {t['s']:.3f}; the rest "
+                f"{rows[-1]['decode_step_ms'] or 0:.3f} ms a decode step")
         if args.profile and not round_:  # where the first batch's time goes: device busy / wall, the busiest kernels
             first = work[0]
             with cuda_timer(device) as t:
@@ -335,8 +345,9 @@ def adl_workload(args, impls, cfg, model_dir):
     variant_ratios(rows)
     report(args, rows, ["impl", "variant", "variant/base", "round", "mode", "batch", "num_beams", "new_tokens_per_s",
                         "prompts", "extrapolated", "job_seconds", "peak_alloc_gib", "equal_eager", "agree_forced",
-                        "flip_gap_ulps", "gpu_busy", "cold_s", "load_s", "ours/new_tokens_per_s",
-                        "ours/peak_alloc_gib"], cfg, model_dir, "decode", prompt_lengths=[len(p) for p in prompts])
+                        "flip_gap_ulps", "gpu_busy", "prefill_s", "decode_step_ms", "cold_s", "load_s",
+                        "ours/new_tokens_per_s", "ours/peak_alloc_gib"], cfg, model_dir, "decode",
+           prompt_lengths=[len(p) for p in prompts])
 
 
 def main():
@@ -351,6 +362,9 @@ def main():
     ap.add_argument("--lengths", default=str(ADL_LENGTHS), help="adl: JSON list of [prompt length, ...] rows")
     ap.add_argument("--seed", type=int, default=0, help="adl: seed of the prompt lengths and tokens")
     ap.add_argument("--modes", default="greedy,beam3,job", help="adl: which of greedy, beam3, job to run")
+    ap.add_argument("--split-prefill", action="store_true",
+                    help="adl, ours: also time each mode's work at one new token (prefill_s: its prefills and one "
+                    "selection each) and give the rest a step (decode_step_ms)")
     ap.add_argument("--single-prompts", type=int, default=8, help="adl: prompts of the batch-1 modes")
     ap.add_argument("--job-prompts", type=int, default=250, help="adl: prompts of the job")
     ap.add_argument("--batch-size", type=int, default=8, help="adl: the job's batch size (infer.py's default)")

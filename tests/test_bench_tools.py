@@ -2,6 +2,7 @@
 runs, and how the scale results are merged."""
 import json
 import sys
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -75,9 +76,9 @@ def fake_loader(record):
         pass
 
     def load(impl, model_dir, device, args):
-        def gen(prompts, num_beams=1, eager=False):
+        def gen(prompts, num_beams=1, eager=False, new_tokens=None):
             record(impl, prompts, eager)
-            return [[0] * args.new_tokens for _ in prompts]
+            return [[0] * (new_tokens or args.new_tokens) for _ in prompts]
         return Model(), gen
     return load
 
@@ -99,7 +100,8 @@ def test_hf_job_peak_covers_the_longest_batch(monkeypatch):
     monkeypatch.setattr(bench_generate, "load",
                         fake_loader(lambda impl, prompts, eager: calls.append((impl, [len(p) for p in prompts]))))
     job = [[1] * n for n in range(10, 74)]  # 64 prompts, the longest 73 tokens
-    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab=[])
+    args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab=[],
+                           split_prefill=False)
     for impl in ("ours", "hf"):
         rows = []
         bench_generate.adl_impl(impl, None, "cpu", args, [], job, rows, lambda: None)
@@ -116,7 +118,8 @@ def test_ab_rounds_alternate_their_order_and_compare_medians(monkeypatch):
     monkeypatch.setattr(bench_generate, "load", fake_loader(lambda *_: seen.append(gen_module.CACHE_BUCKET)))
     bucket = gen_module.CACHE_BUCKET
     args = SimpleNamespace(modes="job", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=3,
-                           ab=["qlora_core.generate.CACHE_BUCKET=7", "qlora_core.generate.CACHE_BUCKET=9"])
+                           ab=["qlora_core.generate.CACHE_BUCKET=7", "qlora_core.generate.CACHE_BUCKET=9"],
+                           split_prefill=False)
     rows = []
     bench_generate.adl_impl("ours", None, "cpu", args, [], [[1] * 5] * 8, rows, lambda: None)
     order = [bucket, 7, 9, 9, 7, bucket, bucket, 7, 9]
@@ -136,11 +139,33 @@ def test_skip_eager_leaves_out_only_the_eager_decoding(monkeypatch):
     for skip in (True, False):
         eager_calls.clear()
         args = SimpleNamespace(modes="beam3", batch_size=8, hf_job_prompts=16, new_tokens=2, profile=None, ab_rounds=2,
-                               ab=["qlora_core.generate.CACHE_BUCKET=7"], skip_eager=skip)
+                               ab=["qlora_core.generate.CACHE_BUCKET=7"], skip_eager=skip, split_prefill=False)
         rows = []
         bench_generate.adl_impl("ours", None, "cpu", args, [[1] * 5] * 3, [], rows, lambda: None)
         assert len(rows) == 4 and [("equal_eager" in r) for r in rows] == [not skip, not skip, False, False]
         assert eager_calls.count(True) == (0 if skip else 2 * 3)  # 3 prompts, the base and the variant
+
+
+def test_split_prefill_gives_the_rest_of_a_mode_a_decode_step(monkeypatch):
+    """--split-prefill: ours' work again at one new token (untimed once, then timed); decode_step_ms is the rest of
+    the mode's seconds over its decode steps (prompts x (new tokens - 1) at batch 1)."""
+    seconds = iter([0.5, 9.0, 10.0, 2.0])  # loading, the untimed run, the timed run, the prefills
+
+    @contextmanager
+    def timer(device):
+        timing = {}
+        yield timing
+        timing["s"] = next(seconds)
+    monkeypatch.setattr(bench_generate, "cuda_timer", timer)
+    calls = []
+    monkeypatch.setattr(bench_generate, "load", fake_loader(lambda impl, prompts, eager: calls.append(len(prompts))))
+    args = SimpleNamespace(modes="beam3", batch_size=8, hf_job_prompts=16, new_tokens=5, profile=None, ab=[],
+                           skip_eager=True, split_prefill=True)
+    rows = []
+    bench_generate.adl_impl("ours", None, "cpu", args, [[1] * 5] * 3, [], rows, lambda: None)
+    assert calls == [1] * (3 + 3 + 1 + 3)  # untimed, timed, one untimed at one new token, the timed prefills
+    assert rows[0]["seconds"] == 10.0 and rows[0]["prefill_s"] == 2.0
+    assert rows[0]["decode_step_ms"] == pytest.approx((10.0 - 2.0) * 1e3 / (3 * 4))
 
 
 def test_scale_rows_keep_their_preset(tmp_path):
