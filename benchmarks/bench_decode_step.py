@@ -15,6 +15,7 @@ the row, the busiest kernels and where the device sat idle between them (idle_ga
     python benchmarks/bench_decode_step.py --rows 1 --ab qlora_core.kernels.nf4_mma.COPIES=32 --profile /tmp/p
     python benchmarks/bench_decode_step.py --preset tiny --device cpu --rows 1,2 --replays 2 --rounds 1  # smoke
 """
+import re
 import statistics
 
 import torch
@@ -57,7 +58,8 @@ def run(model, args, variant: str, round_: int, rows_list: list[int]) -> list[di
                 row = {"impl": "ours", "variant": variant, "round": round_, "rows": rows, "cache_len": args.cache_len,
                        "ms_per_step": t["median_s"] * 1e3 / args.replays}
                 if args.profile and round_ == 0:
-                    name = f"{args.profile}/step_{rows}_{variant.replace('/', '_') or 'base'}.txt"
+                    tag = re.sub(r"[^\w.-]+", "_", variant) or "base"  # a file name of plain characters
+                    name = f"{args.profile}/step_{rows}_{tag}.txt"
                     row.update(gpu_busy(replays, t["median_s"], args.device, table=name))
                 out.append(row)
                 log(f"{variant or 'base'} rows {rows}: {row['ms_per_step']:.3f} ms a step")
