@@ -16,12 +16,11 @@ the row, the busiest kernels and where the device sat idle between them (idle_ga
     python benchmarks/bench_decode_step.py --preset tiny --device cpu --rows 1,2 --replays 2 --rounds 1  # smoke
 """
 import re
-import statistics
 
 import torch
 
-from common import (PROJECTIONS, base_parser, gpu_busy, load_source, log, measure, model_config, report,
-                    settings_applied, split_settings)
+from common import (PROJECTIONS, base_parser, gpu_busy, load_source, log, measure, medians_by, model_config,
+                    report, settings_applied, split_settings)
 
 
 def timed_step(model, rows: int, cache_len: int, device):
@@ -96,10 +95,7 @@ def main():
     for round_ in range(args.rounds):
         for variant in variants if round_ % 2 == 0 else variants[::-1]:
             rows += run(model, args, variant, round_, rows_list)
-    median = {}
-    for r in rows:
-        median.setdefault((r["variant"], r["rows"]), []).append(r["ms_per_step"])
-    median = {key: statistics.median(v) for key, v in median.items()}
+    median = medians_by(rows, ("variant", "rows"), "ms_per_step")
     for r in rows:
         r["median_ms"] = median[r["variant"], r["rows"]]
         r["variant/base"] = median[r["variant"], r["rows"]] / median["", r["rows"]]

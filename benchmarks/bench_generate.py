@@ -38,13 +38,13 @@ were: where a forced token is not the argmax, the largest gap between their logi
 """
 import json
 import random
-import statistics
 from pathlib import Path
 
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
-                    measure, peak_gib, report, reset_peak, settings_applied, setup, split_settings, write_json)
+                    measure, medians_by, peak_gib, report, reset_peak, settings_applied, setup, split_settings,
+                    write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -311,10 +311,7 @@ def variant_ratios(rows: list[dict]) -> None:
     """Give ours' rows of each --ab variant `variant/base`: the variant's median new tokens/s over its rounds, against
     the median of ours as it is, in the same mode and process."""
     timed = [r for r in rows if r["impl"] == "ours" and "new_tokens_per_s" in r]
-    rates = {}
-    for r in timed:
-        rates.setdefault((r.get("variant"), r.get("mode")), []).append(r["new_tokens_per_s"])
-    median = {key: statistics.median(v) for key, v in rates.items()}
+    median = medians_by(timed, ("variant", "mode"), "new_tokens_per_s")
     for r in timed:
         if r.get("variant"):
             base = median.get(("", r.get("mode")))

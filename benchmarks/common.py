@@ -440,6 +440,15 @@ def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark
            settings=settings, config=cfg.to_dict())
 
 
+def medians_by(rows: list[dict], keys: tuple, value: str) -> dict:
+    """{the rows' values at keys: the median of their `value`} over the rows that have it (an --ab run's rounds)."""
+    values = {}
+    for r in rows:
+        if value in r:
+            values.setdefault(tuple(r.get(k) for k in keys), []).append(r[value])
+    return {key: statistics.median(v) for key, v in values.items()}
+
+
 def add_ratios(rows: list[dict], keys: list[str], match: tuple = (), ours: str = "ours") -> None:
     """Give each row `ours/<key>`: the ours row's value over this row's, among rows equal on the `match` keys."""
     for r in rows:
