@@ -105,7 +105,7 @@ def test_the_nf4_kernel_is_checked_once_a_shape_and_dropped_where_it_is_wrong(mo
     import qlora_core.kernels.fused_projections as fp
     monkeypatch.setattr(fp, "CHECKED", {})
     group = projection_groups(model)[0]  # q/k/v of layer 0
-    group.refresh(torch.float32)
+    fp.refresh([group], torch.float32)
     calls = []
 
     def fake(x, layers, h, bs, ranks):
