@@ -86,11 +86,13 @@ def project(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
     When they are all unmerged LoRA layers with one dropout rate and x has many rows or the layers train (training,
     prefill, perplexity), one `LoRAProjection` computes them together: one dequantized weight and one matmul for the
     bases, one batched matmul for the adapters' A, and a hand-written backward, instead of some forty autograd
-    operations. Anything else runs layer by layer.
+    operations. Anything else runs layer by layer, as do layers that kernels/fused_projections.py computes by groups
+    (`generate`: they are called, and their group computes them).
     """
     grouped = (all(isinstance(m, LoRALinear) and not m.merged for m in layers)
                and len({m.lora_dropout.p for m in layers}) == 1
-               and (x.numel() // x.shape[-1] >= GROUP_MIN_ROWS or layers[0].training))
+               and (x.numel() // x.shape[-1] >= GROUP_MIN_ROWS or layers[0].training)
+               and not getattr(layers[0], "in_group", False))
     if not grouped:
         return [m(x) for m in layers]
     y = LoRAProjection.apply(x, layers, *[w for m in layers for w in (m.lora_A.weight, m.lora_B.weight)])

@@ -168,19 +168,33 @@ def small_nf4_lora_model(tmp_path, dtype):
     return model
 
 
-@pytest.mark.parametrize("rows", [1, 3, 6])
-def test_nf4_projection_groups_in_bf16_match_each_layers_own_forward(tmp_path, rows):
-    """Decode-time projection groups on the GPU in bf16 (the NF4 kernel up to 4 rows, dequantize + GEMM above):
-    logits within rounding of the model's own forward."""
+@pytest.mark.parametrize("rows,seq", [(1, 1), (3, 1), (6, 1), (2, 40)])
+def test_nf4_projection_groups_in_bf16_match_each_layers_own_forward(tmp_path, rows, seq):
+    """generate's projection groups on the GPU in bf16 (the NF4 kernels at decode time, dequantize + GEMM for a
+    prefill of 80 rows, where the model alone runs lora.LoRAProjection): logits within rounding of the model's own
+    forward."""
     from qlora_core.kernels.fused_projections import fused_projections, projection_groups
     model = small_nf4_lora_model(tmp_path, torch.bfloat16).eval()
-    ids = torch.randint(3, 128, (rows, 1), device="cuda")
+    ids = torch.randint(3, 128, (rows, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(rows))
     with torch.inference_mode():
         plain = model(ids).float()
         with fused_projections(model, projection_groups(model), torch.bfloat16):
             fused = model(ids).float()
     assert (fused - plain).abs().max() <= 0.05 * plain.abs().max()
     assert (fused.argmax(-1) == plain.argmax(-1)).float().mean() >= 0.8
+
+
+def test_projection_groups_copy_their_adapters_exactly(tmp_path):
+    """refresh's multi-tensor scaling and float32 -> bf16 copies (CUDA's fast path) against a copy a tensor."""
+    from qlora_core.kernels.fused_projections import projection_groups, refresh
+    model = small_nf4_lora_model(tmp_path, torch.bfloat16)
+    groups = projection_groups(model)
+    refresh(groups, torch.bfloat16)
+    for group in groups:
+        loras = [m for m in group.loras if m is not None]
+        want = torch.cat([(m.lora_A.weight * m.scaling).to(torch.bfloat16) for m in loras])
+        assert torch.equal(group.a, want)
+        assert all(torch.equal(b, m.lora_B.weight.to(torch.bfloat16)) for b, m in zip(group.b, group.loras))
 
 
 @pytest.mark.parametrize("beams", [1, 3])

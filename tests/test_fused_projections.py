@@ -35,7 +35,8 @@ def dense(module, x: torch.Tensor) -> torch.Tensor:
 def count_group_calls(monkeypatch) -> list:
     calls = []
     own = ProjectionGroup.matmuls
-    monkeypatch.setattr(ProjectionGroup, "matmuls", lambda self, x, h: calls.append(1) or own(self, x, h))
+    monkeypatch.setattr(ProjectionGroup, "matmuls",
+                        lambda self, x, h: calls.append(x.numel() // x.shape[-1]) or own(self, x, h))
     return calls
 
 
@@ -84,17 +85,19 @@ def test_layers_with_a_bias_keep_their_own_forward():
 
 
 def test_generate_through_the_groups_gives_the_eager_tokens(model, monkeypatch):
-    """generate(groups=True) on the CPU decodes through the groups (greedy and 3 beams) and returns the tokens of
-    the eager path (groups off: each layer's own forward), float32 on both."""
+    """generate(groups=True) on the CPU decodes and prefills through the groups (greedy and 3 beams) and returns the
+    tokens of the eager path (groups off: each layer's own forward, the prefill of 80 rows a grouped LoRAProjection),
+    float32 on both."""
     from qlora_core.generate import generate
     group_calls = count_group_calls(monkeypatch)
-    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9)]
+    prompts = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (4, 9, 40)]
     for beams in (1, 3):
-        eager = generate(model, prompts, 8, num_beams=beams, groups=False)
-        assert not group_calls
-        assert generate(model, prompts, 8, num_beams=beams, groups=True) == eager
-        assert group_calls
-        group_calls.clear()
+        for batch in (prompts[:2], prompts[1:]):  # prefills of 2 x 9 and 2 x 40 rows
+            eager = generate(model, batch, 8, num_beams=beams, groups=False)
+            assert not group_calls
+            assert generate(model, batch, 8, num_beams=beams, groups=True) == eager
+            assert set(group_calls) == {len(batch) * beams, len(batch) * max(len(p) for p in batch)}
+            group_calls.clear()
 
 
 @pytest.mark.parametrize("kernel", ["agrees", "disagrees", "fails"])

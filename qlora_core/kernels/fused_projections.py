@@ -1,4 +1,4 @@
-"""The projections of a decoder layer at decode time, by groups of projections that share an input.
+"""The projections of a decoder layer in `generate`, by groups of projections that share an input.
 
 q/k/v read the same normed hidden state, and so do gate/up. At decode time (a few rows) each group runs as
 - h = x @ A^T, one small matmul over the group's LoRA A matrices stacked (alpha/r folded in, in the compute dtype;
@@ -13,8 +13,12 @@ instead of a bitsandbytes call and six kernels of LoRA per projection (casting A
 the sum). benchmarks/bench_nf4_matmul.py times the three on Llama-2-7B's groups. The model's code is unchanged:
 while `fused_projections(model)` is active, each projection's `forward` is replaced on the instance; the first
 member of a group called with an input computes the whole group and keeps the other members' outputs for their
-calls with the same input tensor. Calls with many rows or with gradients run the layer's own forward. `generate`
-uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
+calls with the same input tensor. Calls with more rows than the NF4 kernels take (the prefill) run the
+matmuls: with A and B kept stacked and cast, that is some 25 launches a layer where the grouped training path
+(lora.LoRAProjection) stacks, casts and scales the adapters in every call (some 50), and the host had left the GPU
+idle in between: on an H100 (bench_generate.py --workload adl, one round) ADL's greedy decoding ran at 225.4 new
+tokens/s against 191.9, beam 3 at 184.7 against 168.4, the job at 875.6 against 865.7. Calls with gradients run the
+layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
 
@@ -26,8 +30,6 @@ from ..util import log
 from . import lora_a, nf4_matmul, nf4_mma
 from .nf4_dequant import dequantize_nf4, use_kernel as dequantizes
 
-MAX_ROWS = 32
-"""Most rows a group computes (a decode step's batch x beams); calls with more (prefill) run each layer's forward."""
 CHECKED: dict = {}
 """Shapes (device, dtype, rows, in, outs, ranks) on which the NF4 kernel was checked against dequantize + GEMM:
 True where it agreed, False where it failed or disagreed (those decode through `matmuls`)."""
@@ -88,8 +90,7 @@ class ProjectionGroup:
                 self.pending = None
             return out
         module = self.modules[index]
-        if (x.numel() // x.shape[-1] > MAX_ROWS or torch.is_grad_enabled()
-                or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype))):
+        if torch.is_grad_enabled() or (any(self.ranks) and (self.a is None or self.a.dtype != x.dtype)):
             return type(module).forward(module, x)
         h = None
         if any(self.ranks):
@@ -186,10 +187,11 @@ def fused_projections(model, groups: list[ProjectionGroup], dtype: torch.dtype):
     for group in groups:
         for i, m in enumerate(group.modules):
             m.forward = lambda x, group=group, i=i: group.forward(i, x)
+            m.in_group = True  # lora.project calls the layer rather than computing its own group
     try:
         yield
     finally:
         for group in groups:
             group.pending = None
             for m in group.modules:
-                del m.forward
+                del m.forward, m.in_group
