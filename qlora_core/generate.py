@@ -17,7 +17,7 @@ from .kernels.fused_projections import fused_projections, projection_groups
 from .model import KVCache
 from .prompts import DEFAULT_TEMPLATE, few_shot_prompt, format_prompt
 from .tokenizer import padding_id
-from .util import QLoRAError, log
+from .util import QLoRAError, evaluating, log
 
 PROMPT_MODES = ("zero-shot", "few-shot", "lora")
 NEG_INF = -1.0e9
@@ -439,14 +439,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     if device.type == "cuda":  # eager decoding too, so that it attends over the same slots as the graphed one
         cache_len = -(-cache_len // CACHE_BUCKET) * CACHE_BUCKET
     ids, mask = left_pad(expanded, pad_id, cache_len, device)
-    was_training = model.training
-    model.eval()
     state = decode_state(model)
     if groups is None:
         groups = device.type == "cuda"
     try:
-        with torch.inference_mode(), fused_projections(model, state.groups if groups else [],
-                                                       model.lm_head.weight.dtype):
+        with evaluating(model), torch.inference_mode(), fused_projections(model, state.groups if groups else [],
+                                                                          model.lm_head.weight.dtype):
             state.install_cache(model, rows, cache_len)  # every path: the same cache layout as the graphed one
             step = state.step(model, rows, cache_len, device) if cuda_graph else decode_one_token
             if num_beams == 1:
@@ -458,7 +456,6 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, num_beams: in
     finally:
         state.installed = None
         model.clear_cache()
-        model.train(was_training)
     return cut_at_eos(tokens, eos_id)
 
 

@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from .data import collate, encode_example
 from .prompts import DEFAULT_TEMPLATE
-from .util import QLoRAError
+from .util import QLoRAError, evaluating
 
 
 def perplexity_example(tok, record: dict, template: str = DEFAULT_TEMPLATE,
@@ -34,15 +34,10 @@ def perplexities(model, tok, records: list[dict], template: str = DEFAULT_TEMPLA
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     device = next(model.parameters()).device
     values = [float("nan")] * len(examples)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
-                for i, value in zip(batch, batch_perplexity(model, [examples[i] for i in batch], device)):
-                    values[i] = value
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.inference_mode():
+        for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+            for i, value in zip(batch, batch_perplexity(model, [examples[i] for i in batch], device)):
+                values[i] = value
     return values
 
 

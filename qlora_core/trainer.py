@@ -29,7 +29,7 @@ from .metrics import target_nll
 from .model import varlen_packing
 from .optim import linear_schedule, make_optimizer
 from .step_graphs import StepGraphs
-from .util import QLoRAError, log
+from .util import QLoRAError, evaluating, log
 
 
 @dataclass
@@ -239,14 +239,12 @@ def accumulate_gradients(model, batches: list[dict], step: int = 0, last_ckpt: P
 @torch.no_grad()
 def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
     """Mean token loss over examples (teacher forcing, the training loss without dropout)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate(examples[i:i + batch_size], pad_id)
-        total += loss_sum(model, batch).item()
-        count += target_count(batch)
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i:i + batch_size], pad_id)
+            total += loss_sum(model, batch).item()
+            count += target_count(batch)
     return total / max(count, 1)
 
 

@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from qlora_core.util import KERNELS_NOTICE, QLoRAError, run_cli
+from qlora_core.util import KERNELS_NOTICE, QLoRAError, evaluating, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTICE = (KERNELS_NOTICE + ": %s. Please make sure you already `pip install kernels` and the kernels >= 0.11.1",
@@ -60,3 +61,19 @@ def test_an_error_is_one_line_whatever_the_file_held(capsys):
         run_cli(main)
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: bad.gguf: metadata key llama.\\nblock\\x00count is missing\n"
+
+
+def test_evaluating_switches_the_training_modules_and_restores_each():
+    """Within the block every module is in eval mode (dropout off: the same output twice); after it each module is
+    back in its own mode, a submodule left in eval mode by its user included."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5),
+                                torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    model.train()
+    model[2].eval()
+    modes = [m.training for m in model.modules()]
+    x = torch.randn(2, 4)
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+        assert torch.equal(model(x), model(x))
+    assert [m.training for m in model.modules()] == modes
