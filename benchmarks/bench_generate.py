@@ -290,7 +290,8 @@ def adl_modes(impl, model, gen, device, args, single, job, rows, save, load_s: f
             log(f"{impl} {mode}: tokens the model's own forward also picks: {rows[-1]['agree_forced']:.1%} (the "
                 f"largest gap where not: {rows[-1]['flip_gap_ulps']:.1f} bf16 steps)")
         if args.split_prefill and not hf:  # the same work at one new token: its prefills (and one selection each)
-            gen(work[0], beams, new_tokens=1)  # untimed: the capture of its cache length's step
+            for b in work:  # untimed: each batch's cache length gets its step captured (a capture is several steps)
+                gen(b, beams, new_tokens=1)
             with cuda_timer(device) as t1:
                 for b in work:
                     gen(b, beams, new_tokens=1)

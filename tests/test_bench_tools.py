@@ -147,8 +147,9 @@ def test_skip_eager_leaves_out_only_the_eager_decoding(monkeypatch):
 
 
 def test_split_prefill_gives_the_rest_of_a_mode_a_decode_step(monkeypatch):
-    """--split-prefill: ours' work again at one new token (untimed once, then timed); decode_step_ms is the rest of
-    the mode's seconds over its decode steps (prompts x (new tokens - 1) at batch 1)."""
+    """--split-prefill: ours' work again at one new token (all of it untimed, then timed: a cache length's first call
+    captures its step); decode_step_ms is the rest of the mode's seconds over its decode steps (prompts x (new
+    tokens - 1) at batch 1)."""
     seconds = iter([0.5, 9.0, 10.0, 2.0])  # loading, the untimed run, the timed run, the prefills
 
     @contextmanager
@@ -163,7 +164,7 @@ def test_split_prefill_gives_the_rest_of_a_mode_a_decode_step(monkeypatch):
                            skip_eager=True, split_prefill=True)
     rows = []
     bench_generate.adl_impl("ours", None, "cpu", args, [[1] * 5] * 3, [], rows, lambda: None)
-    assert calls == [1] * (3 + 3 + 1 + 3)  # untimed, timed, one untimed at one new token, the timed prefills
+    assert calls == [1] * (3 + 3 + 3 + 3)  # untimed, timed, then at one new token untimed and timed
     assert rows[0]["seconds"] == 10.0 and rows[0]["prefill_s"] == 2.0
     assert rows[0]["decode_step_ms"] == pytest.approx((10.0 - 2.0) * 1e3 / (3 * 4))
 
