@@ -18,7 +18,8 @@ matmuls: with A and B kept stacked and cast, that is some 25 launches a layer wh
 (lora.LoRAProjection) stacks, casts and scales the adapters in every call (some 50), and the host had left the GPU
 idle in between. On an H100 (bench_generate.py --workload adl, one round, this way second) ADL's greedy decoding ran
 at 225.4 new tokens/s against 191.9, beam 3 at 184.7 against 168.4, the job at 875.6 against 865.7; profiled on one
-prompt, a greedy call left the device idle 69 ms against 97. Calls with gradients run the layer's own forward. `generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
+prompt, a greedy call left the device idle 69 ms against 97. Calls with gradients run the layer's own forward.
+`generate` uses the groups on CUDA; tests/test_fused_projections.py runs them on the CPU.
 """
 from contextlib import contextmanager
 
