@@ -20,7 +20,7 @@ import re
 import torch
 
 from common import (PROJECTIONS, base_parser, gpu_busy, load_source, log, measure, medians_by, model_config,
-                    report, settings_applied, split_settings)
+                    random_lora_b, report, settings_applied, split_settings)
 
 
 def timed_step(model, rows: int, cache_len: int, device):
@@ -84,10 +84,7 @@ def main():
     cfg = model_config(args.preset, args.config_json, args.layers)
     model = load_source(cfg, args.device)
     add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
-    gen = torch.Generator().manual_seed(args.seed)
-    for m in model.modules():  # an adapter that changes the outputs (B starts at zero), so its terms run as served
-        if hasattr(m, "lora_B"):
-            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * 0.02)
+    random_lora_b(model, 0.02, args.seed)
     model.eval()
     rows_list = [int(r) for r in args.rows.split(",")]
     variants = ["", *args.ab]

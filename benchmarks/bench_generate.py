@@ -43,8 +43,8 @@ from pathlib import Path
 import torch
 
 from common import (PROJECTIONS, add_ratios, allocated_gib, base_parser, cuda_timer, free_memory, gpu_busy, log,
-                    measure, medians_by, peak_gib, report, reset_peak, settings_applied, setup, split_settings,
-                    write_json)
+                    measure, medians_by, peak_gib, random_lora_b, report, reset_peak, settings_applied, setup,
+                    split_settings, write_json)
 
 IMPLS = ("ours", "ours-eager", "hf")
 """ours replays each decode step from a CUDA graph on a GPU; ours-eager runs it op by op."""
@@ -60,11 +60,8 @@ def load(impl: str, model_dir, device, args):
 
         model = load_model(model_dir, quantize="nf4", compute_dtype=torch.bfloat16, device=device)
         add_lora(model, r=args.r, alpha=args.alpha, dropout=args.dropout, targets=PROJECTIONS)
-        if args.lora_b_std:  # an adapter that changes the outputs, as a trained one does (B starts at zero)
-            gen = torch.Generator().manual_seed(args.seed)
-            for m in model.modules():
-                if hasattr(m, "lora_B"):
-                    m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * args.lora_b_std)
+        if args.lora_b_std:
+            random_lora_b(model, args.lora_b_std, args.seed)
         model.eval()
 
         def gen(prompts: list[list[int]], num_beams: int = 1, eager: bool = False,

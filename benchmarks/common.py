@@ -440,6 +440,15 @@ def report(args, rows: list[dict], columns: list[str], cfg, model_dir, benchmark
            settings=settings, config=cfg.to_dict())
 
 
+def random_lora_b(model, std: float, seed: int) -> None:
+    """Give every LoRA layer's B (zero at init) normal values of this std, drawn in module order from one seeded
+    generator: an adapter that changes the outputs, as a trained one does, so that its terms run as served."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            m.lora_B.weight.data.copy_(torch.randn(m.lora_B.weight.shape, generator=gen) * std)
+
+
 def medians_by(rows: list[dict], keys: tuple, value: str) -> dict:
     """{the rows' values at keys: the median of their `value`} over the rows that have it (an --ab run's rounds)."""
     values = {}
