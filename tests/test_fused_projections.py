@@ -78,6 +78,25 @@ def test_decoding_logits_through_the_groups_equal_the_model_alone(model, monkeyp
     assert (grouped - plain).abs().max() <= 1e-4 * plain.abs().max()
 
 
+def test_the_groups_take_the_adapters_as_they_are_at_each_entry(model):
+    """The groups keep their copy list between entries; the values copied (A, B and alpha/r, changed in place in
+    between, as training and load_adapter change them) are those of the moment of entry."""
+    groups = projection_groups(model)
+    q, up = model.model.layers[0].self_attn.q_proj, model.model.layers[1].mlp.up_proj
+    x = torch.randn(2, 1, 64, generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        with torch.inference_mode(), fused_projections(model, groups, torch.float32):
+            outs = {m: m(x) for m in (q, up)}
+        for m, y in outs.items():
+            ref = dense(m, x)
+            assert (y.double() - ref).abs().max() <= 1e-4 * ref.abs().max(), m
+        with torch.no_grad():
+            for m in (q, up):
+                m.lora_A.weight.add_(0.05)
+                m.lora_B.weight.mul_(-2.0)
+                m.scaling *= 0.5
+
+
 def test_layers_with_a_bias_keep_their_own_forward():
     assert _parts(nf4_linear(torch.randn(16, 128), torch.zeros(16), torch.float32)) is None
     assert _parts(nf4_linear(torch.randn(16, 128), None, torch.float32)) is not None

@@ -244,9 +244,9 @@ def test_cuda_graph_needs_a_cuda_model(tmp_path):
 def test_decode_state_keeps_one_cache_buffer(tmp_path):
     """Captured steps read the KV cache where it was at capture: a call of fewer rows or slots gets views of the
     kept buffer's leading ones, a larger one replaces it (by one of the most rows and slots seen) and drops every
-    step captured on it; reordering it equals reordering layer by layer; new LoRA layers give the model a new
-    state."""
-    from qlora_core.lora import add_lora
+    step captured on it; reordering it equals reordering layer by layer; new LoRA layers (on v alone) give the model a
+    new state, and so does merging them."""
+    from qlora_core.lora import add_lora, merge_lora
     write_checkpoint(tmp_path)
     model = load_model(tmp_path, compute_dtype=torch.float32, device="cpu")
     state = gen.decode_state(model)
@@ -276,8 +276,11 @@ def test_decode_state_keeps_one_cache_buffer(tmp_path):
     state.install_cache(model, 5, 16)
     assert state.cache.shape[0] == 5 and state.cache.shape[4] == 192
     model.clear_cache()
-    add_lora(model)
-    assert gen.decode_state(model) is not state
+    add_lora(model, targets=["v_proj"])
+    lora = gen.decode_state(model)
+    assert lora is not state and gen.decode_state(model) is lora
+    merge_lora(model)
+    assert gen.decode_state(model) is not lora
     gen.release_decode_state(model)
 
 
