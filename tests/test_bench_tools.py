@@ -217,3 +217,16 @@ def test_bench_generate_runs_a_real_checkpoint_directory(tmp_path):
     result = json.loads(out.read_text())
     assert result["settings"]["model"] == "model" and result["config"]["vocab_size"] == 128
     assert [r["mode"] for r in result["rows"]] == ["greedy"] and result["rows"][0]["equal_eager"] == 1.0
+
+
+def test_bench_host_times_each_part_at_the_presets_depth(tmp_path):
+    """bench_host.py at Llama-2-7B's depth (32 layers, tiny widths): a row a part of generate's per-call work and
+    their total, on the CPU."""
+    import subprocess
+    out = tmp_path / "host.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_host.py"), "--device", "cpu", "--iters", "2",
+                    "--rounds", "1", "--out", str(out)], check=True, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["part"] for r in rows] == ["left_pad", "decode_state", "evaluating", "fused_projections",
+                                         "install_cache", "total"]
+    assert {r["layers"] for r in rows} == {32} and rows[-1]["ms"] == pytest.approx(sum(r["ms"] for r in rows[:-1]))
