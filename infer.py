@@ -23,9 +23,9 @@ from qlora_core.defaults import default_adapter, default_model_dir
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
 from qlora_core.lora import load_adapter, read_adapter_config
 from qlora_core.metrics import perplexities
-from qlora_core.prompts import select_few_shot
+from qlora_core.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, select_few_shot
 from qlora_core.tokenizer import load_tokenizer
-from qlora_core.util import QLoRAError, check_flags, log, run_cli
+from qlora_core.util import QLoRAError, check_device, check_flags, log, run_cli
 
 
 def parse_args(argv=None):
@@ -43,6 +43,10 @@ def parse_args(argv=None):
                    help="zero-shot: the instruction in the seed's template; few-shot: --num-shots training examples "
                         "as earlier turns before it; lora: the zero-shot template for an adapter trained on it "
                         "(needs --adapter). Default: lora with --adapter, else zero-shot")
+    p.add_argument("--template",
+                   help="prompt template with {instruction}, for every prompt mode and --perplexity (default: the one "
+                        f"the adapter was trained with, which train.py writes as {TEMPLATE_FILE} beside it, else the "
+                        "Taiwan-LLaMA chat prompt)")
     p.add_argument("--few-shot-file", type=Path, help="training records to draw the few-shot examples from")
     p.add_argument("--num-shots", type=int, default=5, help="few-shot examples per prompt (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot example choice (default 0)")
@@ -56,8 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="records per forward pass (default 8)")
     add_model_flags(p)
     p.add_argument("--perplexity", action="store_true",
-                   help="score the test file's outputs with the course's perplexity (zero-shot template, 2048 "
-                        "tokens) instead of generating; prints 'mean_perplexity: X' last")
+                   help="score the test file's outputs with the course's perplexity (the zero-shot prompt of "
+                        "--template, 2048 tokens) instead of generating; prints 'mean_perplexity: X' last")
     return p.parse_args(argv)
 
 
@@ -68,10 +72,35 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def prompt_template(template: str | None, adapter: str | None) -> str:
+    """--template, else the template train.py wrote beside the adapter, else the seed's."""
+    if template is None and adapter and (Path(adapter) / TEMPLATE_FILE).is_file():
+        template = (Path(adapter) / TEMPLATE_FILE).read_text(encoding="utf-8")
+        log(f"prompt template from {Path(adapter) / TEMPLATE_FILE}")
+    template = DEFAULT_TEMPLATE if template is None else template
+    if "{instruction}" not in template:
+        raise QLoRAError(f"the prompt template has no {{instruction}} field: {template!r}")
+    return template
+
+
+def writable(path: Path) -> None:
+    """Refuse an output path that cannot be written, before the model loads (its parent directories are made; a
+    file made to find out is removed)."""
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as e:
+        raise QLoRAError(f"cannot write {path}: {e.strerror or e}") from None
+    if not existed:
+        path.unlink()
+
+
 def run_settings(args, mode: str) -> dict:
     """The flags a prediction depends on (the paths as typed): a run takes over an interrupted one's predictions
     only where these agree."""
-    keys = ["model", "adapter", "test_file", "max_new_tokens", "quantize", "dtype", "revision"]
+    keys = ["model", "adapter", "test_file", "max_new_tokens", "quantize", "dtype", "revision", "template"]
     keys += ["few_shot_file", "num_shots", "seed"] if mode == "few-shot" else []
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in keys}
     return settings | {"prompt": mode, "num_beams": args.num_beams if args.decoder == "beam" else 1}
@@ -126,15 +155,19 @@ def main(argv=None):
     if args.perplexity and mode == "few-shot":
         raise QLoRAError("--perplexity scores the zero-shot template, as the course's ppl.py; drop --prompt few-shot")
     check_flags(args, [(("max_new_tokens", "batch_size", "num_beams", "num_shots"), lambda v: v >= 1, "at least 1")])
+    check_device(args.device)
 
     records = load_records(args.test_file, require_output=args.perplexity)
     examples = select_few_shot(load_records(args.few_shot_file), args.num_shots, args.seed) if mode == "few-shot" \
         else []
     if args.adapter:
         read_adapter_config(Path(args.adapter))  # a mistyped --adapter fails before the model loads
+    args.template = prompt_template(args.template, args.adapter)
     settings = run_settings(args, mode)
     partial = args.output.with_name(args.output.name + ".partial") if args.output and not args.perplexity else None
     kept = kept_predictions(partial, settings, records) if partial else {}
+    if args.output:
+        writable(partial or args.output.with_name(args.output.name + ".tmp"))
     if kept:
         log(f"resuming: {len(kept)} of {len(records)} predictions kept in {partial}")
     model_dir = resolve_model_dir(args.model, args.revision)
@@ -148,7 +181,7 @@ def main(argv=None):
         load_adapter(model, args.adapter)
 
     if args.perplexity:
-        values = perplexities(model, tok, records, batch_size=args.batch_size)
+        values = perplexities(model, tok, records, template=args.template, batch_size=args.batch_size)
         mean = sum(values) / len(values)
         result = {"perplexities": values, "mean_perplexity": mean, "ids": [r["id"] for r in records]}
         if args.output:
@@ -157,7 +190,7 @@ def main(argv=None):
         return
 
     todo = [i for i in range(len(records)) if i not in kept]
-    prompts = build_prompts(tok, [records[i]["instruction"] for i in todo], mode, examples,
+    prompts = build_prompts(tok, [records[i]["instruction"] for i in todo], mode, examples, args.template,
                             max_prompt_len=context - args.max_new_tokens)
     if partial is None:
         texts = generate_texts(model, tok, prompts, args.max_new_tokens, batch_size=args.batch_size,

@@ -25,7 +25,7 @@ from qlora_core.optim import OPTIMIZERS
 from qlora_core.prompts import DEFAULT_TEMPLATE
 from qlora_core.tokenizer import padding_id
 from qlora_core.trainer import TrainConfig, train
-from qlora_core.util import QLoRAError, check_flags, log, run_cli
+from qlora_core.util import QLoRAError, check_device, check_flags, log, run_cli
 
 
 def parse_args(argv=None):
@@ -121,6 +121,7 @@ def main(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, getattr(scale, name))
     check_flags(args, FLAG_RULES)
+    check_device(args.device)
     targets = target_names(args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(","))
     if "{instruction}" not in args.template:
         raise QLoRAError("--template has no {instruction} field")
@@ -147,21 +148,24 @@ def main(argv=None):
                       save_every=args.save_every, seed=args.seed, gradient_checkpointing=args.gradient_checkpointing,
                       offload_activations=args.offload_activations, cuda_graphs=args.cuda_graphs,
                       max_tokens=args.max_tokens, memory_profile=args.memory_profile,
-                      global_batch_size=args.global_batch_size, save_total_limit=args.save_total_limit)
+                      global_batch_size=args.global_batch_size, save_total_limit=args.save_total_limit,
+                      template=args.template)
     model = load_model(model_dir, quantize=args.quantize, compute_dtype=DTYPES[args.dtype], device=args.device)
     model.name_or_path = args.model or model.name_or_path  # the adapter names its base by hub id, not cache path
     torch.manual_seed(args.seed)
     add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
     log(parameter_summary(model))
 
-    def eval_fn(m):
+    def eval_fn(m, progress=False):
         ppl = perplexities(m, tok, eval_records, template=args.template, batch_size=cfg.eval_batch_size,
-                           progress=False)
+                           progress=progress)
         return {"eval_perplexity": sum(ppl) / len(ppl)}
 
     report = default_job and distributed.is_main()
     if report:  # held-out perplexity and samples before and after; the trainer evaluates only when asked to
-        before, zero_shot = eval_fn(model)["eval_perplexity"], sample_translations(model, tok, eval_records[:SAMPLES])
+        log(f"before training: the held-out perplexity of {len(eval_records)} records and {SAMPLES} translations")
+        before = eval_fn(model, progress=True)["eval_perplexity"]
+        zero_shot = sample_translations(model, tok, eval_records[:SAMPLES])
         eval_examples = eval_examples if cfg.eval_every else None
     result = train(model, train_examples, pad_id, cfg, eval_examples, eval_fn if eval_records else None,
                    resume=args.resume)
@@ -169,8 +173,10 @@ def main(argv=None):
     if result["stopped_by"]:
         sys.exit(130 if result["stopped_by"] == "SIGINT" else 143)
     if report:
+        log(f"after training: the held-out perplexity and {SAMPLES} translations again")
         tuned = sample_translations(model, tok, eval_records[:SAMPLES])
-        print(summary(before, eval_fn(model)["eval_perplexity"], eval_records[:SAMPLES], zero_shot, tuned))
+        print(summary(before, eval_fn(model, progress=True)["eval_perplexity"], eval_records[:SAMPLES], zero_shot,
+                      tuned))
 
 
 if __name__ == "__main__":

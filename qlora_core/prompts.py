@@ -7,6 +7,8 @@ DEFAULT_TEMPLATE = (
     "你是人工智慧助理，以下是用戶和人工智能助理之間的對話。你要對用戶的問題提供有用、安全、詳細和禮貌的回答。"
     "USER: {instruction} ASSISTANT:"
 )
+TEMPLATE_FILE = "prompt_template.txt"
+"""The file beside an adapter that holds the template it was trained with (train.py writes it, infer.py reads it)."""
 
 # Words that mark an instruction's target language. "文言文翻譯" asks to translate *from* classical,
 # so the modern markers are checked first.

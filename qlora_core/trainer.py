@@ -5,6 +5,7 @@ to continue along the same trajectory (adapter, optimizer, schedule, RNG states,
 written to a temporary directory and renamed, so a kill never leaves half a checkpoint.
 """
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -28,6 +29,7 @@ from .memprofile import MemoryProfile
 from .metrics import target_nll
 from .model import varlen_packing
 from .optim import linear_schedule, make_optimizer
+from .prompts import TEMPLATE_FILE
 from .step_graphs import StepGraphs
 from .util import QLoRAError, evaluating, log
 
@@ -70,11 +72,50 @@ class TrainConfig:
     """Records per optimizer step over all processes; None means batch_size x grad_accum x the world size."""
     cuda_graphs: bool | None = None
     """Replay packed micro-batches from CUDA graphs (step_graphs.py); None means where they pay (graphs_pay)."""
+    template: str | None = None
+    """The prompt template the examples were made with, written as TEMPLATE_FILE beside every adapter the run saves
+    (infer.py prompts with it)."""
 
     def step_records(self, world: int = 1) -> int:
         """Records per optimizer step over all processes. Under torchrun each step covers the records of a
         one-process run with batch_size x world; --global-batch-size fixes it whatever the world size."""
         return self.global_batch_size or self.batch_size * self.grad_accum * world
+
+
+def examples_digest(examples) -> str:
+    """A fingerprint of tokenized (input_ids, labels) examples: a resumed run must train on the same ones (another
+    --train-file, --template or length limit changes it)."""
+    h = hashlib.sha256()
+    for ids, labels in examples:
+        h.update(len(ids).to_bytes(4, "little"))
+        h.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
+        h.update(torch.as_tensor(labels, dtype=torch.int64).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_run_adapter(model, out_dir: Path, cfg: TrainConfig) -> None:
+    """The adapter (save_adapter) and, where the run knows it, its prompt template."""
+    save_adapter(model, out_dir)
+    if cfg.template is not None:
+        (Path(out_dir) / TEMPLATE_FILE).write_text(cfg.template, encoding="utf-8")
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of metrics.jsonl up to `step` (a resumed run logs the later ones again) and drop a last line
+    that a crash cut short."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # Fields that must equal the checkpoint's for a resumed run to follow the same trajectory.
@@ -305,8 +346,10 @@ def save_torch(obj, path: Path) -> None:
     path.write_bytes(buffer.getbuffer())
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig):
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig,
+                    digest: str | None = None):
     """Called on every rank (each gives its RNG state); rank 0 writes. The optimizer's state is the same on all.
+    digest: examples_digest of the run's examples, which a resumed run must match.
 
     A failed write removes the temporary directory and stops the run; with cfg.save_total_limit, older checkpoints
     are deleted only once this one is complete.
@@ -319,13 +362,13 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_adapter(model, tmp)
+        save_run_adapter(model, tmp, cfg)
         save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
         save_torch({**rngs[0], "other_ranks": rngs[1:]}, tmp / "rng.pt")
         world = len(rngs)
         state = {"step": step, "data": stream.state(), "step_records": cfg.step_records(world), "world_size": world,
-                 "config": asdict(cfg), "lora": asdict(model.lora_config)}
+                 "config": asdict(cfg), "lora": asdict(model.lora_config), "examples_digest": digest}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
             shutil.rmtree(final)
@@ -339,8 +382,10 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, st
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig) -> int:
-    """Restore a checkpoint into the run's objects; returns its step.
+def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream, cfg: TrainConfig,
+                    digest: str | None = None) -> int:
+    """Restore a checkpoint into the run's objects; returns its step. digest: examples_digest of this run's
+    examples, checked against the checkpoint's where both are known.
 
     The world size may differ from the checkpoint's (the records per step may not). With the same world size each
     rank continues its own RNG stream; with another, rank 0 continues the saved one and the others start anew.
@@ -356,6 +401,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, stream: BatchStream
         if theirs != ours:
             raise QLoRAError(f"{path}: cannot resume: it was trained with {name}={theirs!r}, "
                              f"this run asks for {name}={ours!r}")
+    if None not in (digest, state.get("examples_digest")) and digest != state["examples_digest"]:
+        raise QLoRAError(f"{path}: cannot resume: it was trained on other examples (another --train-file, "
+                         "--template or length limit); resume with the flags of that run, or choose another "
+                         "--output-dir")
     load_adapter(model, path)
     device = adapter_device(model)  # the checkpoint's may be another
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
@@ -429,7 +478,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     model.model.offload_activations = model.lm_head.weight.is_cuda if offload is None else offload
     max_tokens, graphs = micro_batch_plan(model, cfg.cuda_graphs, cfg.max_tokens, world)
 
-    step, last_ckpt = 0, None
+    step, last_ckpt, digest = 0, None, examples_digest(train_examples)
     found = checkpoint_dirs(out)
     if found and not resume:
         raise QLoRAError(f"{out}: holds checkpoints of an earlier run ({found[-1].name}); continue it with --resume "
@@ -438,7 +487,7 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
         if not found:
             raise QLoRAError(f"{out}: --resume given, but there is no checkpoint-* directory to resume from")
         last_ckpt = found[-1]
-        step = load_checkpoint(last_ckpt, model, optimizer, scheduler, stream, cfg)
+        step = load_checkpoint(last_ckpt, model, optimizer, scheduler, stream, cfg, digest)
         log(f"resumed from {last_ckpt} at step {step}")
     elif not main:
         seed_rank(cfg.seed, step)
@@ -446,7 +495,9 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
     if world > 1:  # DDP starts every rank from rank 0's adapter; the 4-bit base is the same file everywhere
         ddp = distributed.data_parallel(LossSum(model))
         log(f"{world} processes: each step's {cfg.step_records(world)} records are split across them by tokens")
-    metrics_file = (out / "metrics.jsonl").open("a") if main else None
+    if main and resume:
+        trim_metrics(out / "metrics.jsonl", step)
+    metrics_file = (out / "metrics.jsonl").open("a" if resume else "w") if main else None
 
     def record(row: dict):
         if main:
@@ -495,13 +546,13 @@ def train(model, train_examples, pad_id: int, cfg: TrainConfig, eval_examples=No
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                     evaluate()
                 if stopping or (cfg.save_every and step % cfg.save_every == 0):
-                    last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg)
+                    last_ckpt = save_checkpoint(out, step, model, optimizer, scheduler, stream, cfg, digest)
             stopped_by = signal.Signals(stop.signum or signal.SIGTERM).name if stopping else None
         if stopped_by is None:
             evaluate()
             if main:
                 try:
-                    save_adapter(model, out)
+                    save_run_adapter(model, out, cfg)
                 except SAVE_ERRORS as e:
                     raise save_error(f"the adapter in {out}", out, e) from None
     finally:

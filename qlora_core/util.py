@@ -40,6 +40,23 @@ def check_flags(args, rules) -> None:
                 raise QLoRAError(f"--{name.replace('_', '-')} must be {wording}, got {value}")
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a --device that torch cannot use on this machine, before any file is read (None: the default)."""
+    if device is None:
+        return
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise QLoRAError(f"--device {device!r} is no device name: cpu, cuda, cuda:1 ...") from None
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            built = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", built without CUDA")
+            raise QLoRAError(f"--device {device}: no CUDA device is usable here ({built}); use --device cpu")
+        if kind.index is not None and kind.index >= count:
+            raise QLoRAError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+
+
 def read_json_object(path: Path, missing: str | None = None) -> dict:
     """The JSON object in a file, with errors that name it. A missing file gives {} when `missing` is None,
     else a QLoRAError that adds `missing` (what the file is needed for)."""

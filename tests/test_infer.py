@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from qlora_core import QLoRAError, load_model
 from qlora_core.generate import build_prompts, generate
 from qlora_core.lora import add_lora, load_adapter, save_adapter
 from qlora_core.metrics import perplexities
-from qlora_core.prompts import DEFAULT_TEMPLATE
+from qlora_core.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE
 from qlora_core.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,12 +159,50 @@ def test_adapter_is_checked_before_the_model_is_looked_for(infer_module, setup, 
     (["--prompt", "few-shot"], "needs --few-shot-file"),
     (["--max-new-tokens", "0"], "at least 1"),
     (["--max-new-tokens", "255"], "no room for a prompt"),
+    (["--device", "gpu"], "'gpu' is no device name"),
+    (["--device", "cuda:99"], "--device cuda:99: "),
+    (["--template", "no field"], "has no {instruction} field"),
 ])
 def test_flag_errors(infer_module, setup, tmp_path, extra, message):
     ckpt, _, test_file, _ = setup
     with pytest.raises(QLoRAError, match=message):
         infer_module.main(["--model", str(ckpt), "--test-file", str(test_file), "--output", str(tmp_path / "p.json"),
                            "--quantize", "none", *extra])
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_model_loads(infer_module, setup, tmp_path):
+    _, _, test_file, _ = setup
+    (tmp_path / "afile").write_text("")
+    for flags in ([], ["--perplexity"]):
+        with pytest.raises(QLoRAError, match=re.escape(f"cannot write {tmp_path / 'afile' / 'p.json'}")):
+            infer_module.main(["--model", str(tmp_path / "nonexistent"), "--test-file", str(test_file), "--output",
+                               str(tmp_path / "afile" / "p.json"), *flags])
+    infer_module.writable(tmp_path / "new" / "p.json")
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_prompts_take_the_adapters_template_unless_template_is_given(infer_module, setup, tmp_path, monkeypatch):
+    """train.py writes its --template beside the adapter; infer.py prompts (and scores --perplexity) with it, with
+    --template instead where given, and with the seed's template where the adapter has none."""
+    ckpt, adapter, test_file, _ = setup
+    mine = tmp_path / "adapter"
+    shutil.copytree(adapter, mine)
+    (mine / TEMPLATE_FILE).write_text("Q: {instruction} A:", encoding="utf-8")
+    seen = []
+    monkeypatch.setattr(infer_module, "generate_texts",
+                        lambda model, tok, prompts, *args, **kwargs: seen.append(prompts) or [""] * len(prompts))
+    monkeypatch.setattr(infer_module, "perplexities",
+                        lambda model, tok, records, template, **kwargs: seen.append(template) or [1.0] * len(records))
+    instructions = [r["instruction"] for r in json.loads(test_file.read_text(encoding="utf-8"))]
+    tok = load_tokenizer(ckpt)
+    for adapter_dir, extra, template in ((mine, [], "Q: {instruction} A:"), (adapter, [], DEFAULT_TEMPLATE),
+                                         (mine, ["--template", "{instruction} =>"], "{instruction} =>")):
+        flags = ["--model", str(ckpt), "--adapter", str(adapter_dir), "--test-file", str(test_file), "--quantize",
+                 "none", "--dtype", "float32", *extra]
+        infer_module.main(flags)
+        assert seen.pop() == build_prompts(tok, instructions, "lora", (), template, max_prompt_len=256 - 128)
+        infer_module.main(flags + ["--perplexity"])
+        assert seen.pop() == template
 
 
 def resume_flags(setup, out):
@@ -217,7 +256,9 @@ def test_an_interrupted_run_resumes_with_the_records_it_had_not_done(infer_modul
 def test_kept_predictions_of_another_run_are_an_error(infer_module, setup, tmp_path, header, line, message):
     out = tmp_path / "pred.json"
     flags = resume_flags(setup, out)
-    settings = infer_module.run_settings(infer_module.parse_args(flags), "lora") | header
+    args = infer_module.parse_args(flags)
+    args.template = infer_module.prompt_template(args.template, args.adapter)  # as main resolves it
+    settings = infer_module.run_settings(args, "lora") | header
     ids = [r["id"] for r in json.loads(setup[2].read_text(encoding="utf-8"))]
     lines = [settings, {"index": 0, "id": ids[0], "output": "kept"}] + ([line(ids)] if line else [])
     (tmp_path / "pred.json.partial").write_text("".join(json.dumps(x) + "\n" for x in lines))

@@ -29,6 +29,7 @@ from qlora_core.data import DEFAULT_TRAIN, IGNORE_INDEX, add_targets, collate
 from qlora_core.lora import add_lora, lora_state_dict
 from qlora_core.metrics import perplexities
 from qlora_core.optim import linear_schedule, make_optimizer
+from qlora_core.prompts import TEMPLATE_FILE
 from qlora_core.tokenizer import load_tokenizer
 from qlora_core.trainer import (BatchStream, TrainConfig, accumulate_gradients, eval_loss, loss_sum, micro_batches,
                                 process_rng, set_process_rng, train)
@@ -444,6 +445,38 @@ def test_resume_refuses_other_settings(tmp_path, change, lora_change, name):
     examples, cfg = trained_run(tmp_path, 4, max_steps=1)
     with pytest.raises(QLoRAError, match=f"cannot resume: it was trained with {name}="):
         train(lora_on(tmp_path / "m", **lora_change), examples, 0, dataclasses.replace(cfg, **change), resume=True)
+
+
+def test_resume_refuses_other_examples(tmp_path):
+    """Another --train-file, --template or length limit gives other tokenized examples: resuming on them is refused
+    (the data position would point into other records)."""
+    examples, cfg = trained_run(tmp_path, 4, max_steps=1)
+    other = [(ids[:-1], labels[:-1]) if i == 2 else (ids, labels) for i, (ids, labels) in enumerate(examples)]
+    with pytest.raises(QLoRAError, match="cannot resume: it was trained on other examples"):
+        train(lora_on(tmp_path / "m"), other, 0, cfg, resume=True)
+    assert train(lora_on(tmp_path / "m"), examples, 0, cfg, resume=True)["step"] == 1
+
+
+def test_a_resumed_run_logs_each_step_once_and_keeps_its_template(tmp_path):
+    """A run that died after logging steps past its last checkpoint (and half a line) resumes there: metrics.jsonl
+    then holds each step once, the rows of an uninterrupted run; the run's template lies beside every adapter."""
+    examples, cfg = trained_run(tmp_path, 8, max_steps=4)
+    run = Path(cfg.output_dir)
+    rows = lambda: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+                    for line in (run / "metrics.jsonl").read_text().splitlines()]
+    straight = rows()
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    for step in (3, 4):  # the checkpoints a SIGKILL after logging step 4 would not have written
+        shutil.rmtree(run / f"checkpoint-{step}")
+    (run / "adapter_model.safetensors").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    cfg = dataclasses.replace(cfg, template="Q: {instruction} A:")
+    torch.manual_seed(0)
+    train(lora_on(tmp_path / "m"), examples, 0, cfg, resume=True)
+    assert rows() == straight
+    for adapter_dir in (run, run / "checkpoint-4"):
+        assert (adapter_dir / TEMPLATE_FILE).read_text(encoding="utf-8") == "Q: {instruction} A:"
 
 
 def run_train(out, *extra, wait=True, env=None):
