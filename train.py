@@ -12,11 +12,13 @@ On several GPUs, the same steps as one GPU (DistributedDataParallel; --global-ba
 """
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from qlora_core import distributed, load_model, load_tokenizer
 from qlora_core.checkpoint import DTYPES, add_model_flags, resolve_model_dir
+from qlora_core.config import ModelConfig
 from qlora_core.defaults import SAMPLES, default_model_dir, job_scale, sample_translations, summary
 from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_records, tokenize_records
 from qlora_core.lora import add_lora, parameter_summary, target_names
@@ -24,7 +26,7 @@ from qlora_core.metrics import perplexities
 from qlora_core.optim import OPTIMIZERS
 from qlora_core.prompts import DEFAULT_TEMPLATE
 from qlora_core.tokenizer import padding_id
-from qlora_core.trainer import TrainConfig, train
+from qlora_core.trainer import TrainConfig, checkpoint_dirs, train
 from qlora_core.util import QLoRAError, check_device, check_flags, log, run_cli
 
 
@@ -122,6 +124,11 @@ def main(argv=None):
             setattr(args, name, getattr(scale, name))
     check_flags(args, FLAG_RULES)
     check_device(args.device)
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise QLoRAError(f"--output-dir {out} is a file, not a directory")
+    if args.resume and not checkpoint_dirs(out):
+        raise QLoRAError(f"{out}: --resume given, but there is no checkpoint-* directory to resume from")
     targets = target_names(args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(","))
     if "{instruction}" not in args.template:
         raise QLoRAError("--template has no {instruction} field")
@@ -135,6 +142,10 @@ def main(argv=None):
     eval_records = load_records(eval_file) if eval_file else None
     with distributed.main_first():  # one process downloads or converts into the cache
         model_dir = resolve_model_dir(args.model, args.revision) if args.model else default_model_dir()
+    context = ModelConfig.from_json(model_dir / "config.json").max_position_embeddings
+    if args.max_len > context:
+        log(f"--max-len {args.max_len} is above the model's context of {context} tokens: examples are cut to {context}")
+        args.max_len = context
     data_cfg = DataConfig(template=args.template, max_source_len=args.max_source_len,
                           max_target_len=args.max_target_len, max_len=args.max_len)
     tok = load_tokenizer(model_dir)

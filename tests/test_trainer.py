@@ -624,6 +624,20 @@ def test_a_full_disk_at_the_final_adapter_is_one_line(train_cli, tmp_path, capsy
         f"({ENOSPC_SAFETENSORS}); the last complete checkpoint is {out / 'checkpoint-3'}: continue from it with --resume"
 
 
+def test_output_dir_and_resume_are_checked_before_the_model_is_looked_for(train_cli, tmp_path):
+    (tmp_path / "afile").write_text("")
+    flags = ["--model", str(tmp_path / "nonexistent"), "--train-file", str(DEFAULT_TRAIN)]
+    with pytest.raises(QLoRAError, match=re.escape(f"--output-dir {tmp_path / 'afile'} is a file")):
+        train_cli.main([*flags, "--output-dir", str(tmp_path / "afile")])
+    with pytest.raises(QLoRAError, match="--resume given, but there is no checkpoint"):
+        train_cli.main([*flags, "--output-dir", str(tmp_path / "run"), "--resume"])
+
+
+def test_max_len_above_the_models_context_is_cut_to_it(train_cli, tmp_path, capsys):
+    status, err = cli_run(train_cli, capsys, tmp_path / "run", "--max-steps", "1", "--max-len", "5000")
+    assert status == 0 and "--max-len 5000 is above the model's context of 1024 tokens" in err, err
+
+
 def test_save_total_limit_keeps_the_newest_checkpoints(train_cli, tmp_path, capsys):
     status, err = cli_run(train_cli, capsys, tmp_path / "run", "--max-steps", "4", "--save-total-limit", "2")
     assert status == 0, err
