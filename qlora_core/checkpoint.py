@@ -83,8 +83,12 @@ def weight_shards(model_dir: Path) -> list[Path]:
 def iter_tensors(shard: Path):
     """(key, tensor) pairs of one shard, read one tensor at a time where the format allows."""
     if shard.suffix == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(str(shard), framework="pt", device="cpu") as f:
+        from safetensors import SafetensorError, safe_open
+        try:  # a truncated or corrupt file fails here, at its header
+            f = safe_open(str(shard), framework="pt", device="cpu")
+        except SafetensorError as e:
+            raise QLoRAError(f"{shard}: not a loadable safetensors file (truncated or corrupt: {e})") from None
+        with f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:

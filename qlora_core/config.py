@@ -1,4 +1,5 @@
 """Model configuration: a dataclass read from a Hugging Face `config.json`, and presets of real shapes."""
+import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -6,6 +7,32 @@ from .util import QLoRAError, read_json_object
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3")
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "max_position_embeddings")
+"""The fields of config.json that must be positive integers."""
+OPTIONAL_INT_FIELDS = ("head_dim", "sliding_window", "bos_token_id", "pad_token_id")
+FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(d: dict) -> None:
+    """Refuse a number field of the wrong type, which would otherwise fail deep inside the model's layers."""
+    for name, value in d.items():
+        if name in SIZE_FIELDS and not (_is_int(value) and value > 0):
+            wording = "a positive integer"
+        elif name in OPTIONAL_INT_FIELDS and not (value is None or _is_int(value)):
+            wording = "an integer or null"
+        elif name == "eos_token_id" and not (value is None or _is_int(value)
+                                             or isinstance(value, list) and all(map(_is_int, value))):
+            wording = "an integer, a list of integers or null"
+        elif name in FLOAT_FIELDS and not (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            wording = "a number"
+        else:
+            continue
+        raise QLoRAError(f'field "{name}" must be {wording}, got {json.dumps(value)}')
 
 
 @dataclass
@@ -68,6 +95,7 @@ class ModelConfig:
         names = {f.name for f in fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in names}
         kwargs["extra"] = {k: v for k, v in d.items() if k not in names}
+        _check_numbers(kwargs)
         return cls(**kwargs)
 
     @classmethod

@@ -26,27 +26,57 @@ class DataConfig:
     """Tokens kept of a whole example, prompt and output together (the ADL perplexity's cut)."""
 
 
-def _parse(path: Path) -> list:
-    """Read a JSON list, or JSON Lines when the first non-blank character is not "["."""
+def _parse(path: Path) -> tuple[list, list[str]]:
+    """The items of a JSON list, or of JSON Lines when the first non-blank character is not "[", and where each is:
+    "record N" (counted from 0) in a list, "line N" (counted from 1, blank lines too) in JSON Lines."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise QLoRAError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise QLoRAError(f"{path}: cannot read the file: {e}") from None
     if text.lstrip().startswith("["):
         try:
-            return json.loads(text)
+            items = json.loads(text)
         except json.JSONDecodeError as e:
             raise QLoRAError(f"{path}: not valid JSON: {e}") from None
-    items = []
+        return items, [f"record {i}" for i in range(len(items))]
+    if text.lstrip().startswith("{") and _whole_object(text):
+        raise QLoRAError(f"{path}: expected a JSON list of records (or JSON Lines, one record a line), got an object")
+    items, places = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise QLoRAError(f"{path}: line {number}: not valid JSON: {e}") from None
-    return items
+            places.append(f"line {number}")
+    return items, places
+
+
+def _whole_object(text: str) -> bool:
+    """Whether the text is one JSON object that is not a one-line record: spread over several lines, or with neither
+    an "instruction" nor an "output" field (such as {"data": [...]})."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return "\n" in text.strip() or not {"instruction", "output"} & whole.keys()
+
+
+def _problem(item, require_output: bool) -> str | None:
+    """What is wrong with one record's fields, or None."""
+    if not isinstance(item, dict):
+        return f"expected an object, got {type(item).__name__}"
+    for field in ["instruction", "output"] if require_output or "output" in item else ["instruction"]:
+        if field not in item:
+            return f'field "{field}" is missing'
+        if not isinstance(item[field], str):
+            return f'field "{field}" must be a string, got {type(item[field]).__name__}'
+    rid = item.get("id", "")
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return f'field "id" must be a string or an integer, got {type(rid).__name__}'
+    return None
 
 
 def load_records(path: str | Path, require_output: bool = True) -> list[dict]:
@@ -54,33 +84,25 @@ def load_records(path: str | Path, require_output: bool = True) -> list[dict]:
 
     Every record must be an object with a string "instruction", and a string "output" when
     `require_output` (test sets may lack it). The "id" may be a string or an integer, and is returned
-    as a string; a record without one gets its index (counted from 0) as its id. Ids must be unique.
-    Other fields are kept. Errors name the file, the record index (from 0, blank lines not counted) and the field.
+    as a string; a record without one gets its index (counted from 0, blank lines not counted) as its id. Ids must be
+    unique. Other fields are kept. Errors name the file, the field and the record: its line in JSON Lines (from 1,
+    as an editor shows it), its index in a JSON list (from 0, which the message says).
     """
     path = Path(path)
-    items = _parse(path)
-    if not isinstance(items, list):
-        raise QLoRAError(f"{path}: expected a list of records, got a JSON {type(items).__name__}")
+    items, places = _parse(path)
     if not items:
         raise QLoRAError(f"{path}: no records")
+    counted = " (records are counted from 0)" if places[0].startswith("record") else ""
     records, seen = [], {}
-    for i, item in enumerate(items):
-        where = f"{path}: record {i}"
-        if not isinstance(item, dict):
-            raise QLoRAError(f"{where}: expected an object, got {type(item).__name__}")
-        fields = ["instruction", "output"] if require_output or "output" in item else ["instruction"]
-        for field in fields:
-            if field not in item:
-                raise QLoRAError(f'{where}: field "{field}" is missing')
-            if not isinstance(item[field], str):
-                raise QLoRAError(f'{where}: field "{field}" must be a string, got {type(item[field]).__name__}')
-        rid = item.get("id", str(i))
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise QLoRAError(f'{where}: field "id" must be a string or an integer, got {type(rid).__name__}')
-        rid = str(rid)
-        if rid in seen:
-            raise QLoRAError(f'{where}: field "id" is {rid!r}, the same as record {seen[rid]}')
-        seen[rid] = i
+    for i, (item, place) in enumerate(zip(items, places)):
+        problem = _problem(item, require_output)
+        if problem is None:
+            rid = str(item.get("id", i))
+            if rid in seen:
+                problem = f'field "id" is {rid!r}, the same as {seen[rid]}'
+        if problem is not None:
+            raise QLoRAError(f"{path}: {place}: {problem}{counted}")
+        seen[rid] = place
         records.append({**item, "id": rid})
     return records
 

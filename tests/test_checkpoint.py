@@ -65,6 +65,15 @@ def test_missing_weight(tmp_path):
         load_model(tmp_path, device="cpu")
 
 
+@pytest.mark.parametrize("keep", [0, 20, -10])
+def test_truncated_safetensors_file(tmp_path, keep):
+    write_checkpoint(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(QLoRAError, match=re.escape(str(weights)) + ": not a loadable safetensors file"):
+        load_model(tmp_path, device="cpu")
+
+
 def test_hub_id_while_offline(tmp_path, monkeypatch):
     import huggingface_hub.constants
     monkeypatch.chdir(tmp_path)

@@ -65,9 +65,9 @@ def test_output_is_optional_for_test_sets(tmp_path):
 
 BAD = [
     ("[]", r"train.json: no records"),
-    ('{"instruction": "x"}', r'train.json: record 0: field "output" is missing'),
+    ('{"instruction": "x"}', r'train.json: line 1: field "output" is missing$'),
     ('[{"id": "a", "instruction": "x", "output": "y"}, {"id": "b", "output": "y"}]',
-     r'train.json: record 1: field "instruction" is missing'),
+     r'train.json: record 1: field "instruction" is missing \(records are counted from 0\)$'),
     ('[{"instruction": "x", "output": "y"}, {"instruction": "x", "output": 3}]',
      r'train.json: record 1: field "output" must be a string, got int'),
     ('[{"instruction": ["x"], "output": "y"}]',
@@ -88,6 +88,39 @@ def test_bad_records_name_file_record_and_field(tmp_path, text, message):
     path = write(tmp_path, "train.json", text)
     with pytest.raises(QLoRAError, match=message):
         load_records(path)
+
+
+def test_json_lines_errors_name_the_line_blank_lines_included(tmp_path):
+    """Records are counted from 0 without blank lines, so a record number would point to the wrong line."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS]
+    path = write(tmp_path, "gap.jsonl", f'{lines[0]}\n{lines[1]}\n\n{{"id": "c", "instruction": "x"}}\n')
+    with pytest.raises(QLoRAError, match='gap.jsonl: line 4: field "output" is missing$'):
+        load_records(path)
+    path = write(tmp_path, "gap.jsonl", f"{lines[0]}\n\n  \n{lines[0]}\n")
+    with pytest.raises(QLoRAError, match=r'gap.jsonl: line 4: field "id" is .a., the same as line 1$'):
+        load_records(path)
+    no_ids = '{"instruction": "x", "output": "y"}'
+    assert [r["id"] for r in load_records(write(tmp_path, "ok.jsonl", f"\n{no_ids}\n\n{no_ids}"))] == ["0", "1"]
+
+
+@pytest.mark.parametrize("text", [json.dumps({"data": RECORDS}, indent=2), json.dumps({"data": RECORDS}),
+                                  json.dumps(RECORDS[0], indent=2)])
+def test_a_json_object_is_not_a_list_of_records(tmp_path, text):
+    path = write(tmp_path, "train.json", text)
+    expected = r"train.json: expected a JSON list of records \(or JSON Lines, .*\), got an object$"
+    with pytest.raises(QLoRAError, match=expected):
+        load_records(path)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("train.json", json.dumps(RECORDS, ensure_ascii=False)),
+    ("train.jsonl", "\n".join(json.dumps(r, ensure_ascii=False) for r in RECORDS)),
+])
+def test_a_utf8_bom_is_read_past(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert load_records(path) == RECORDS
 
 
 def test_missing_file(tmp_path):
