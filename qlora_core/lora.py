@@ -16,6 +16,7 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -327,7 +328,10 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoRAConfig, dict]:
 def read_adapter_weights(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     path = adapter_dir / ADAPTER_WEIGHTS
     if path.is_file():
-        return path, load_file(str(path))
+        try:
+            return path, load_file(str(path))
+        except SafetensorError as e:
+            raise QLoRAError(f"{path}: not a loadable safetensors file (truncated or corrupt: {e})") from None
     path = adapter_dir / "adapter_model.bin"  # older peft and the original QLoRA repository
     if path.is_file():
         return path, torch.load(path, map_location="cpu", weights_only=True)

@@ -455,6 +455,14 @@ def test_bad_adapter_names_the_key(adapter, problem):
         load_adapter(load_model(base, compute_dtype=torch.float32, device="cpu"), adapter_dir)
 
 
+def test_a_truncated_adapter_file_is_one_line(adapter):
+    base, adapter_dir, _ = adapter
+    weights = adapter_dir / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(QLoRAError, match=re.escape(f"{weights}: not a loadable safetensors file")):
+        load_adapter(load_model(base, compute_dtype=torch.float32, device="cpu"), adapter_dir)
+
+
 def test_adapter_of_another_base_fails(tmp_path, adapter):
     base, _, _ = adapter
     other = tmp_path / "other"
