@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the few-shot example choice (default 0)")
     p.add_argument("--decoder", choices=("greedy", "beam"), default="greedy",
                    help="greedy decoding, or beam search as transformers' generate(num_beams=N) (default greedy)")
-    p.add_argument("--num-beams", type=int, default=3, help="beams of --decoder beam (default 3)")
+    p.add_argument("--num-beams", type=int, help="beams of --decoder beam (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=128,
                    help="most tokens generated per record (default 128). A prompt longer than the model's "
                         "context (max_position_embeddings) minus this is cut to BOS + its last tokens, which "
@@ -152,6 +152,11 @@ def main(argv=None):
         raise QLoRAError("--prompt lora needs --adapter")
     if mode == "few-shot" and not args.few_shot_file:
         raise QLoRAError("--prompt few-shot needs --few-shot-file")
+    if args.few_shot_file and mode != "few-shot":
+        raise QLoRAError("--few-shot-file is for --prompt few-shot")
+    if args.num_beams is not None and args.decoder != "beam":
+        raise QLoRAError("--num-beams is for --decoder beam")
+    args.num_beams = 3 if args.num_beams is None else args.num_beams
     if args.perplexity and mode == "few-shot":
         raise QLoRAError("--perplexity scores the zero-shot template, as the course's ppl.py; drop --prompt few-shot")
     check_flags(args, [(("max_new_tokens", "batch_size", "num_beams", "num_shots"), lambda v: v >= 1, "at least 1")])

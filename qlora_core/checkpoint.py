@@ -27,6 +27,8 @@ def resolve_model_dir(path_or_id: str | Path, revision: str | None = None) -> Pa
     """A local directory as it is, a .gguf file converted once into the cache, or a hub repo id (at a branch, tag
     or commit) downloaded to its local snapshot."""
     path = Path(path_or_id).expanduser()
+    if revision and path.exists():
+        raise QLoRAError(f"--revision {revision}: {path} is a local path, not a hub repo id")
     if path.suffix == ".gguf" and path.is_file():
         from .convert import converted_dir
         return converted_dir(path)

@@ -162,6 +162,9 @@ def test_adapter_is_checked_before_the_model_is_looked_for(infer_module, setup, 
     (["--device", "gpu"], "'gpu' is no device name"),
     (["--device", "cuda:99"], "--device cuda:99: "),
     (["--template", "no field"], "has no {instruction} field"),
+    (["--num-beams", "5"], "--num-beams is for --decoder beam"),
+    (["--few-shot-file", "nonexistent.json"], "--few-shot-file is for --prompt few-shot"),
+    (["--revision", "v1"], "is a local path, not a hub repo id"),
 ])
 def test_flag_errors(infer_module, setup, tmp_path, extra, message):
     ckpt, _, test_file, _ = setup
