@@ -7,13 +7,16 @@ import torch
 from .util import QLoRAError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw")
+# On the CPU bitsandbytes keeps paged optimizers' states unpaged, saying so at the first step of every run (it broke
+# the training progress bar's line); that is expected there.
+warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 
 def make_optimizer(params, name: str = "paged_adamw_32bit", lr: float = 2e-4, weight_decay: float = 0.0,
                    betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
     """bitsandbytes' paged AdamW (32-bit states, or 8-bit on request), or torch's AdamW.
 
-    On the CPU bitsandbytes falls back to unpaged states; that warning is expected there and silenced.
+    On the CPU bitsandbytes falls back to unpaged states (its warning is silenced above).
     """
     params = [p for p in params if p.requires_grad]
     if not params:
@@ -24,9 +27,7 @@ def make_optimizer(params, name: str = "paged_adamw_32bit", lr: float = 2e-4, we
         raise QLoRAError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
     import bitsandbytes as bnb
     cls = bnb.optim.PagedAdamW32bit if name == "paged_adamw_32bit" else bnb.optim.PagedAdamW8bit
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-        return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
 
 def warmup_steps(max_steps: int, warmup_ratio: float) -> int:
