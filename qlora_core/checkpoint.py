@@ -8,7 +8,7 @@ from torch import nn
 from .config import ModelConfig
 from .model import LlamaForCausalLM, rope_inv_freq
 from .quant import PROJECTIONS, nf4_linear
-from .util import QLoRAError, log, read_json_object
+from .util import QLoRAError, log, read_json_object, reading_safetensors
 
 HUB_FILES = ["config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
              "special_tokens_map.json"]
@@ -85,11 +85,9 @@ def weight_shards(model_dir: Path) -> list[Path]:
 def iter_tensors(shard: Path):
     """(key, tensor) pairs of one shard, read one tensor at a time where the format allows."""
     if shard.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
-        try:  # a truncated or corrupt file fails here, at its header
+        from safetensors import safe_open
+        with reading_safetensors(shard):  # a truncated or corrupt file fails here, at its header
             f = safe_open(str(shard), framework="pt", device="cpu")
-        except SafetensorError as e:
-            raise QLoRAError(f"{shard}: not a loadable safetensors file (truncated or corrupt: {e})") from None
         with f:
             for key in f.keys():
                 yield key, f.get_tensor(key)

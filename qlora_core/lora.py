@@ -16,14 +16,13 @@ from pathlib import Path
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .kernels.dropout import down as seeded_down, down_backward as seeded_down_backward, seeded as seeded_dropout
 from .kernels.nf4_dequant import dequantize_nf4
 from .quant import PROJECTIONS, dense_weight, is_4bit, storage_bytes
-from .util import QLoRAError, log, read_json_object
+from .util import QLoRAError, log, read_json_object, reading_safetensors
 
 PEFT_PREFIX = "base_model.model."
 """What peft puts before our module names in an adapter's keys (PeftModel.base_model.model is our model)."""
@@ -328,10 +327,8 @@ def read_adapter_config(adapter_dir: Path) -> tuple[LoRAConfig, dict]:
 def read_adapter_weights(adapter_dir: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     path = adapter_dir / ADAPTER_WEIGHTS
     if path.is_file():
-        try:
+        with reading_safetensors(path):
             return path, load_file(str(path))
-        except SafetensorError as e:
-            raise QLoRAError(f"{path}: not a loadable safetensors file (truncated or corrupt: {e})") from None
     path = adapter_dir / "adapter_model.bin"  # older peft and the original QLoRA repository
     if path.is_file():
         return path, torch.load(path, map_location="cpu", weights_only=True)

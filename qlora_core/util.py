@@ -31,6 +31,16 @@ def evaluating(model: torch.nn.Module):
             m.training = True
 
 
+@contextlib.contextmanager
+def reading_safetensors(path: Path):
+    """Within the block, safetensors' error on path (a truncated or corrupt file) becomes one QLoRAError naming it."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except SafetensorError as e:
+        raise QLoRAError(f"{path}: not a loadable safetensors file (truncated or corrupt: {e})") from None
+
+
 def check_flags(args, rules) -> None:
     """Refuse the first command-line value that breaks its rule; rules are (attribute names, test, wording)."""
     for names, test, wording in rules:
