@@ -23,7 +23,7 @@ from qlora_core.defaults import default_adapter, default_model_dir
 from qlora_core.generate import PROMPT_MODES, build_prompts, generate_texts
 from qlora_core.lora import load_adapter, read_adapter_config
 from qlora_core.metrics import perplexities
-from qlora_core.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, select_few_shot
+from qlora_core.prompts import DEFAULT_TEMPLATE, TEMPLATE_FILE, check_template, select_few_shot
 from qlora_core.tokenizer import load_tokenizer
 from qlora_core.util import QLoRAError, check_device, check_flags, log, run_cli
 
@@ -77,10 +77,7 @@ def prompt_template(template: str | None, adapter: str | None) -> str:
     if template is None and adapter and (Path(adapter) / TEMPLATE_FILE).is_file():
         template = (Path(adapter) / TEMPLATE_FILE).read_text(encoding="utf-8")
         log(f"prompt template from {Path(adapter) / TEMPLATE_FILE}")
-    template = DEFAULT_TEMPLATE if template is None else template
-    if "{instruction}" not in template:
-        raise QLoRAError(f"the prompt template has no {{instruction}} field: {template!r}")
-    return template
+    return check_template(DEFAULT_TEMPLATE if template is None else template, "the prompt template")
 
 
 def writable(path: Path) -> None:

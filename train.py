@@ -24,7 +24,7 @@ from qlora_core.data import DEFAULT_EVAL, DEFAULT_TRAIN, DataConfig, load_record
 from qlora_core.lora import add_lora, parameter_summary, target_names
 from qlora_core.metrics import perplexities
 from qlora_core.optim import OPTIMIZERS
-from qlora_core.prompts import DEFAULT_TEMPLATE
+from qlora_core.prompts import DEFAULT_TEMPLATE, check_template
 from qlora_core.tokenizer import padding_id
 from qlora_core.trainer import TrainConfig, checkpoint_dirs, train
 from qlora_core.util import QLoRAError, check_device, check_flags, log, run_cli
@@ -130,8 +130,7 @@ def main(argv=None):
     if args.resume and not checkpoint_dirs(out):
         raise QLoRAError(f"{out}: --resume given, but there is no checkpoint-* directory to resume from")
     targets = target_names(args.lora_targets if args.lora_targets == "all-linear" else args.lora_targets.split(","))
-    if "{instruction}" not in args.template:
-        raise QLoRAError("--template has no {instruction} field")
+    check_template(args.template, "--template")
     if args.revision and not args.model:
         raise QLoRAError("--revision needs --model with a hub repo id")
     args.device = distributed.setup(args.device)  # under torchrun: join the other processes, take a GPU each

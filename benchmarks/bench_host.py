@@ -13,8 +13,6 @@ import dataclasses
 import statistics
 import time
 
-import torch
-
 from common import TINY, apply_settings, base_parser, finish, model_config, random_nf4_model
 
 
@@ -73,6 +71,7 @@ def main():
     rows.append({"part": "total", "ms": sum(r["ms"] for r in rows), "layers": cfg.num_hidden_layers,
                  "modules": modules})
     finish(rows, ["part", "ms", "layers", "modules"], args.out, args.device, benchmark="host", settings=vars(args))
+
 
 if __name__ == "__main__":
     main()

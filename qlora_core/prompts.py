@@ -19,11 +19,16 @@ _TO_CLASSICAL = ("文言文", "古文", "古代")
 _LENGTH_EDGES = (32, 64, 128)
 
 
+def check_template(template: str, what: str = "prompt template") -> str:
+    """The template, refused (named as `what`) where it has no `{instruction}` field."""
+    if "{instruction}" not in template:
+        raise QLoRAError(f"{what} has no {{instruction}} field: {template!r}")
+    return template
+
+
 def format_prompt(instruction: str, template: str = DEFAULT_TEMPLATE) -> str:
     """Put one instruction into the template, in place of its `{instruction}` field."""
-    if "{instruction}" not in template:
-        raise QLoRAError(f"prompt template has no {{instruction}} field: {template!r}")
-    return template.replace("{instruction}", instruction)
+    return check_template(template).replace("{instruction}", instruction)
 
 
 def instruction_direction(instruction: str) -> str:
